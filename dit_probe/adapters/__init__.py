@@ -1,0 +1,31 @@
+"""Model adapters: the only place that knows an architecture. ``get_adapter(pipe)`` picks one."""
+
+from __future__ import annotations
+
+from .base import Adapter, AttentionSite, Conditioning, TextStream
+from .flux import FluxAdapter
+from .sd3 import SD3Adapter
+from .unet import UNetAdapter
+
+_BY_DENOISER = {
+    "SD3Transformer2DModel": SD3Adapter,
+    "FluxTransformer2DModel": FluxAdapter,
+    "UNet2DConditionModel": UNetAdapter,
+}
+
+
+def get_adapter(pipe) -> Adapter:
+    """The adapter for a diffusers pipeline, chosen by its denoiser's class."""
+    if isinstance(pipe, Adapter):
+        return pipe
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    name = type(denoiser).__name__
+    if name not in _BY_DENOISER:
+        raise TypeError(
+            f"no dit_probe adapter for a pipeline whose denoiser is {name!r}; supported denoisers: "
+            + ", ".join(_BY_DENOISER)
+        )
+    return _BY_DENOISER[name](pipe)
+
+
+__all__ = ["Adapter", "AttentionSite", "Conditioning", "TextStream", "get_adapter", "SD3Adapter", "FluxAdapter", "UNetAdapter"]

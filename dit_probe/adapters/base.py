@@ -1,0 +1,242 @@
+"""What every model adapter provides. Adapters are the only place that knows an architecture.
+
+An adapter wraps a diffusers pipeline and answers, for its family:
+- where attention lives (``sites``: canonical names -> modules, with their kind and token layout);
+- which text streams the denoiser sees and where each sits in its text sequence (``streams``);
+- which token positions a word of a prompt occupies in each stream (``word_positions``);
+- which CFG branch each batch row of a denoiser call belongs to (``branches``);
+- the image-token grid of a denoiser call (``image_grid``);
+- the model maths: prompt encoding, forward noising to a strength, one denoising step, and
+  conversions between the model output and eps / x0 / v.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+# Kinds of attention site, and where image queries and text keys sit in the attention call.
+JOINT_IMAGE_TEXT = "joint"  # SD3/SD3.5 joint attention: sequence [image | text]
+JOINT_TEXT_IMAGE = "joint-text-first"  # Flux double-stream: [text | image]
+SINGLE_TEXT_IMAGE = "single"  # Flux single-stream: [text | image], text length from the transformer call
+CROSS = "cross"  # UNet attn2: queries image, keys text
+IMAGE_SELF = "image-self"  # SD3.5 dual-attention attn2, UNet attn1: no text keys
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    name: str  # canonical, e.g. "block.07.joint", "up.1.0.cross"
+    path: str  # module path inside the denoiser, e.g. "transformer_blocks.7.attn"
+    kind: str
+    note: str = ""
+
+    @property
+    def has_text(self) -> bool:
+        return self.kind != IMAGE_SELF
+
+    def ranges(self, q_len: int, k_len: int, text_len: int) -> tuple[slice, slice]:
+        """(image-query slice, text-key slice) inside one attention call."""
+        if self.kind == JOINT_IMAGE_TEXT:
+            layout_ok = q_len == k_len and q_len > text_len
+            result = slice(0, q_len - text_len), slice(q_len - text_len, k_len)
+        elif self.kind in (JOINT_TEXT_IMAGE, SINGLE_TEXT_IMAGE):
+            layout_ok = q_len == k_len and q_len > text_len
+            result = slice(text_len, q_len), slice(0, text_len)
+        elif self.kind == CROSS:
+            layout_ok = k_len == text_len
+            result = slice(0, q_len), slice(0, k_len)
+        else:
+            raise ValueError(f"layer {self.name} is image-only self-attention ({self.note}); it has no text keys")
+        if not layout_ok:
+            raise RuntimeError(
+                f"unexpected token layout at {self.name} ({self.kind}): {q_len} queries, {k_len} keys, "
+                f"{text_len} text tokens. The attention call does not match this model family's layout "
+                "(an IP-adapter or a custom processor may add tokens); recording cannot place the text keys."
+            )
+        return result
+
+
+@dataclass(frozen=True)
+class TextStream:
+    name: str  # "clip" or "t5"
+    tokenizer: Any
+    offset: int  # first position of this stream in the denoiser's text sequence
+    length: int  # number of positions
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts, conditional and (for CFG) unconditional."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    neg_embeds: torch.Tensor | None = None
+    neg_pooled: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Adapter:
+    family: str = ""
+    denoiser_attr: str = ""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self._sites = self._find_sites()
+
+    # ----- architecture -----
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_attr)
+
+    def _find_sites(self) -> list[AttentionSite]:
+        raise NotImplementedError
+
+    def sites(self, recordable_only: bool = False) -> list[AttentionSite]:
+        return [s for s in self._sites if s.has_text] if recordable_only else list(self._sites)
+
+    def module(self, site: AttentionSite) -> torch.nn.Module:
+        return self.denoiser.get_submodule(site.path)
+
+    def select_sites(self, layers=None) -> list[AttentionSite]:
+        """Resolve a layer selection: None (all with text keys), or a list of canonical names, glob
+        patterns ('block.*.joint') or integer indices into the recordable layers."""
+        recordable = self.sites(recordable_only=True)
+        if layers is None:
+            return recordable
+        if isinstance(layers, (str, int)):
+            layers = [layers]
+        by_name = {s.name: s for s in self._sites}
+        chosen: list[AttentionSite] = []
+        for sel in layers:
+            if isinstance(sel, int):
+                if not -len(recordable) <= sel < len(recordable):
+                    raise IndexError(
+                        f"layer index {sel} out of range: this {self.family} model has {len(recordable)} "
+                        f"recordable attention layers (0..{len(recordable) - 1})"
+                    )
+                hits = [recordable[sel]]
+            elif any(c in sel for c in "*?["):
+                hits = [s for s in self._sites if fnmatch.fnmatchcase(s.name, sel)]
+            else:
+                hits = [by_name[sel]] if sel in by_name else []
+            if not hits:
+                raise KeyError(
+                    f"unknown layer {sel!r} for this {self.family} model; layers are: "
+                    + ", ".join(s.name for s in self._sites)
+                )
+            for s in hits:
+                if not s.has_text:
+                    if isinstance(sel, str) and sel == s.name:
+                        raise ValueError(
+                            f"layer {s.name} is image-only self-attention ({s.note}); it has no text keys to record"
+                        )
+                    continue  # a glob may cover image-only layers: skip them, they are labelled in sites()
+                if s not in chosen:
+                    chosen.append(s)
+        if not chosen:
+            raise ValueError(f"the layer selection {layers!r} contains no layer with text keys")
+        return chosen
+
+    # ----- text -----
+    def streams(self, text_len: int | None = None) -> list[TextStream]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _encode(tokenizer, prompt: str, length: int):
+        return tokenizer(
+            prompt, padding="max_length", max_length=length, truncation=True, return_offsets_mapping=True
+        )
+
+    def tokens(self, prompt: str, text_len: int | None = None) -> dict[str, list[str]]:
+        """The tokens of ``prompt`` in each stream (padding dropped)."""
+        out = {}
+        for st in self.streams(text_len):
+            enc = self._encode(st.tokenizer, prompt, st.length)
+            toks = st.tokenizer.convert_ids_to_tokens(enc["input_ids"])
+            pad = st.tokenizer.pad_token
+            keep = [t for t, (a, b) in zip(toks, enc["offset_mapping"]) if t != pad or b > a]
+            out[st.name] = keep
+        return out
+
+    def word_positions(self, prompt: str, word: str, text_len: int | None = None) -> dict[str, list[int]]:
+        """Positions of ``word`` (a word or phrase; first occurrence, whole words, case-insensitive) in the
+        denoiser's text sequence, per stream. Sub-word pieces are all included."""
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty: there are no words to record; give token indices instead")
+        m = re.search(r"(?<!\w)" + re.escape(word.strip()) + r"(?!\w)", prompt, flags=re.IGNORECASE)
+        out: dict[str, list[int]] = {}
+        if m:
+            lo, hi = m.span()
+            for st in self.streams(text_len):
+                enc = self._encode(st.tokenizer, prompt, st.length)
+                pos = [st.offset + i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < hi and b > lo]
+                if pos:
+                    out[st.name] = pos
+        if not out:
+            toks = self.tokens(prompt, text_len)
+            raise KeyError(
+                f"word {word!r} is not in prompt {prompt!r} (or was truncated away); the prompt's tokens are: "
+                + "; ".join(f"{k}: {v}" for k, v in toks.items())
+            )
+        return out
+
+    # ----- denoiser calls -----
+    def text_length(self, call_kwargs: dict) -> int:
+        return call_kwargs["encoder_hidden_states"].shape[1]
+
+    def image_grid(self, call_args: tuple, call_kwargs: dict) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def timestep_of(self, call_args: tuple, call_kwargs: dict) -> float:
+        t = call_kwargs.get("timestep")
+        if t is None and len(call_args) > 1:
+            t = call_args[1]
+        return float(torch.as_tensor(t).flatten()[0])
+
+    def branches(self, batch_rows: int, call_in_step: int) -> list[str]:
+        """CFG branch of each batch row of a denoiser call: SD3 and SD pipelines batch [uncond | cond]."""
+        cfg = bool(getattr(self.pipe, "_guidance_scale", 1.0) > 1.0) and getattr(
+            self.pipe, "do_classifier_free_guidance", False
+        )
+        if cfg and batch_rows % 2 == 0:
+            return ["uncond"] * (batch_rows // 2) + ["cond"] * (batch_rows // 2)
+        return ["cond"] * batch_rows
+
+    def num_steps(self) -> int | None:
+        """Denoising steps of the generation in progress (set by the pipeline before its loop)."""
+        return getattr(self.pipe, "_num_timesteps", None)
+
+    # ----- model maths (overridden per family) -----
+    def encode_prompt(self, prompt, negative_prompt="", do_cfg: bool = True) -> Conditioning:
+        raise NotImplementedError
+
+    def set_timesteps(self, num_steps: int, strength: float = 1.0) -> torch.Tensor:
+        """The timesteps a generation (strength 1) or an img2img edit (strength < 1) denoises through."""
+        check_strength(strength)
+        self.pipe.scheduler.set_timesteps(num_steps)
+        ts = self.pipe.scheduler.timesteps
+        init = min(int(num_steps * strength), num_steps)
+        return ts[num_steps - init :]
+
+
+def check_strength(strength: float) -> None:
+    if not (isinstance(strength, (int, float)) and 0.0 < float(strength) <= 1.0):
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+
+
+def block_name(prefix: str, index: int, suffix: str) -> str:
+    return f"{prefix}.{index:02d}.{suffix}"
+
+
+def as_list(x) -> list:
+    if x is None:
+        return []
+    return [x] if isinstance(x, (str, int)) else list(x)
+
+
+def ensure_prompts(prompt) -> Sequence[str]:
+    return [prompt] if isinstance(prompt, str) else list(prompt)

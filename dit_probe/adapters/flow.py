@@ -1,0 +1,33 @@
+"""Flow-matching maths shared by the SD3 and Flux adapters (DESIGN section 2).
+
+z_s = (1 - s) * x0 + s * eps, the model predicts v = eps - x0, with s = sigma = t / 1000.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FlowMatchingMaths:
+    def sigma(self, t) -> torch.Tensor:
+        return torch.as_tensor(t, dtype=torch.float64) / self.pipe.scheduler.config.num_train_timesteps
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        s = self.sigma(t).to(x0.dtype)
+        return (1 - s) * x0 + s * noise
+
+    def to_x0(self, v: torch.Tensor, z: torch.Tensor, t) -> torch.Tensor:
+        return z - self.sigma(t).to(z.dtype) * v
+
+    def to_eps(self, v: torch.Tensor, z: torch.Tensor, t) -> torch.Tensor:
+        return z + (1 - self.sigma(t).to(z.dtype)) * v
+
+    def to_v(self, x0: torch.Tensor, eps: torch.Tensor, t=None) -> torch.Tensor:
+        return eps - x0
+
+    def log_snr(self, t) -> torch.Tensor:
+        s = self.sigma(t)
+        return 2 * torch.log((1 - s) / s)
+
+    def step(self, v: torch.Tensor, t, z: torch.Tensor) -> torch.Tensor:
+        return self.pipe.scheduler.step(v, t, z, return_dict=False)[0]

@@ -1,0 +1,116 @@
+"""Flux (FluxPipeline, FluxTransformer2DModel).
+
+Double-stream blocks see [text | image] with RoPE on both; single-stream blocks receive the
+concatenation [text | image] as one sequence, so their attention processor never sees the text
+length: the recorder takes it from the transformer call. Text is the T5 stream only (CLIP gives
+the pooled vector). FluxPipeline runs true CFG as two transformer calls per step, cond first.
+Latents are packed 2x2 into tokens; the grid comes from ``img_ids``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import JOINT_TEXT_IMAGE, SINGLE_TEXT_IMAGE, Adapter, AttentionSite, Conditioning, TextStream, block_name
+from .flow import FlowMatchingMaths
+
+
+class FluxAdapter(FlowMatchingMaths, Adapter):
+    family = "flux"
+    denoiser_attr = "transformer"
+    default_max_sequence_length = 512
+
+    def _find_sites(self):
+        sites = [
+            AttentionSite(block_name("double", i, "joint"), f"transformer_blocks.{i}.attn", JOINT_TEXT_IMAGE)
+            for i in range(len(self.denoiser.transformer_blocks))
+        ]
+        sites += [
+            AttentionSite(
+                block_name("single", i, "joint"),
+                f"single_transformer_blocks.{i}.attn",
+                SINGLE_TEXT_IMAGE,
+                "single-stream block",
+            )
+            for i in range(len(self.denoiser.single_transformer_blocks))
+        ]
+        return sites
+
+    def streams(self, text_len=None):
+        n = text_len if text_len is not None else self.default_max_sequence_length
+        return [TextStream("t5", self.pipe.tokenizer_2, 0, n)]
+
+    def image_grid(self, call_args, call_kwargs):
+        ids = call_kwargs["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids
+        return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+
+    def branches(self, batch_rows, call_in_step):
+        # FluxPipeline: cond call first, then (true CFG) the uncond call, at the same timestep
+        return ["cond" if call_in_step == 0 else "uncond"] * batch_rows
+
+    def encode_prompt(self, prompt, negative_prompt="", do_cfg=False, max_sequence_length=None):
+        n = max_sequence_length or self.default_max_sequence_length
+        pe, pp, ids = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=n)
+        cond = Conditioning(pe, pp, extra={"txt_ids": ids})
+        if do_cfg:
+            ne, npp, _ = self.pipe.encode_prompt(
+                prompt=[negative_prompt] * pe.shape[0], prompt_2=None, max_sequence_length=n
+            )
+            cond.neg_embeds, cond.neg_pooled = ne, npp
+        return cond
+
+    def set_timesteps(self, num_steps, strength=1.0, image_seq_len=None):
+        """As FluxPipeline: sigmas 1 -> 1/n, shifted by mu when the scheduler uses dynamic shifting."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        from .base import check_strength
+
+        check_strength(strength)
+        sched = self.pipe.scheduler
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        seq = image_seq_len or self.denoiser.config.get("sample_size", 64) ** 2
+        mu = calculate_shift(
+            seq,
+            sched.config.get("base_image_seq_len", 256),
+            sched.config.get("max_image_seq_len", 4096),
+            sched.config.get("base_shift", 0.5),
+            sched.config.get("max_shift", 1.15),
+        )
+        sched.set_timesteps(sigmas=sigmas, mu=mu)
+        init = min(int(num_steps * strength), num_steps)
+        return sched.timesteps[num_steps - init :]
+
+    def pack(self, latents):
+        b, c, h, w = latents.shape
+        return self.pipe._pack_latents(latents, b, c, h, w)
+
+    def predict(self, z, t, cond: Conditioning, guidance_scale: float = 3.5, true_cfg_scale: float = 1.0, grid=None):
+        """v prediction for packed latents z (B, N, C*4); ``grid`` = (h, w) of the packed token grid."""
+        h, w = grid
+        img_ids = self.pipe._prepare_latent_image_ids(z.shape[0], h, w, z.device, z.dtype)
+        guidance = (
+            torch.full([z.shape[0]], guidance_scale, dtype=torch.float32)
+            if self.denoiser.config.guidance_embeds
+            else None
+        )
+        ts = torch.as_tensor(t, dtype=z.dtype).expand(z.shape[0]) / 1000
+
+        def run(emb, pooled):
+            return self.denoiser(
+                hidden_states=z,
+                timestep=ts,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=emb,
+                txt_ids=cond.extra["txt_ids"],
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
+
+        out = run(cond.embeds, cond.pooled)
+        if cond.neg_embeds is not None and true_cfg_scale > 1:
+            neg = run(cond.neg_embeds, cond.neg_pooled)
+            out = neg + true_cfg_scale * (out - neg)
+        return out

@@ -1,0 +1,85 @@
+"""SD3 / SD3.5 (StableDiffusion3Pipeline, SD3Transformer2DModel).
+
+Joint attention sees [image | text]; text = CLIP stream (77 positions, CLIP-L and CLIP-G features
+side by side) followed by the T5 stream (max_sequence_length positions). SD3.5 blocks listed in
+``dual_attention_layers`` also carry ``attn2``, an image-only self-attention with no text keys.
+The pipeline batches CFG as [uncond | cond].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import IMAGE_SELF, JOINT_IMAGE_TEXT, Adapter, AttentionSite, Conditioning, TextStream, block_name
+from .flow import FlowMatchingMaths
+
+
+class SD3Adapter(FlowMatchingMaths, Adapter):
+    family = "sd3"
+    denoiser_attr = "transformer"
+    default_max_sequence_length = 256
+
+    def _find_sites(self):
+        sites = []
+        for i, block in enumerate(self.denoiser.transformer_blocks):
+            dual = getattr(block, "attn2", None) is not None
+            sites.append(
+                AttentionSite(
+                    block_name("block", i, "joint"),
+                    f"transformer_blocks.{i}.attn",
+                    JOINT_IMAGE_TEXT,
+                    "SD3.5 dual-attention block: joint attention" if dual else "",
+                )
+            )
+            if dual:
+                sites.append(
+                    AttentionSite(
+                        block_name("block", i, "image"),
+                        f"transformer_blocks.{i}.attn2",
+                        IMAGE_SELF,
+                        "SD3.5 dual-attention block: image-only attn2",
+                    )
+                )
+        return sites
+
+    def streams(self, text_len=None):
+        clip_len = self.pipe.tokenizer.model_max_length
+        t5_len = (text_len - clip_len) if text_len is not None else self.default_max_sequence_length
+        streams = [TextStream("clip", self.pipe.tokenizer, 0, clip_len)]
+        if t5_len > 0 and self.pipe.tokenizer_3 is not None:
+            streams.append(TextStream("t5", self.pipe.tokenizer_3, clip_len, t5_len))
+        return streams
+
+    def image_grid(self, call_args, call_kwargs):
+        x = call_kwargs.get("hidden_states", call_args[0] if call_args else None)
+        p = self.denoiser.config.patch_size
+        return x.shape[-2] // p, x.shape[-1] // p
+
+    def encode_prompt(self, prompt, negative_prompt="", do_cfg=True, max_sequence_length=None):
+        pe, npe, pp, npp = self.pipe.encode_prompt(
+            prompt=prompt,
+            prompt_2=None,
+            prompt_3=None,
+            negative_prompt=negative_prompt if do_cfg else None,
+            do_classifier_free_guidance=do_cfg,
+            max_sequence_length=max_sequence_length or self.default_max_sequence_length,
+        )
+        return Conditioning(pe, pp, npe, npp)
+
+    def predict(self, z, t, cond: Conditioning, guidance_scale: float = 7.5):
+        """The model's v prediction at (z, t), with classifier-free guidance when cond has a negative."""
+        cfg = cond.neg_embeds is not None and guidance_scale > 1
+        zin = torch.cat([z, z]) if cfg else z
+        emb = torch.cat([cond.neg_embeds, cond.embeds]) if cfg else cond.embeds
+        pooled = torch.cat([cond.neg_pooled, cond.pooled]) if cfg else cond.pooled
+        out = self.denoiser(
+            hidden_states=zin,
+            timestep=torch.as_tensor(t).expand(zin.shape[0]),
+            encoder_hidden_states=emb,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+        if cfg:
+            uncond, c = out.chunk(2)
+            out = uncond + guidance_scale * (c - uncond)
+        return out

@@ -1,0 +1,97 @@
+"""UNet families (SD2.x, SD1.x: StableDiffusionPipeline, UNet2DConditionModel).
+
+Text enters only through cross-attention (``attn2`` of each transformer block: queries image,
+keys text = the CLIP stream). ``attn1`` is image self-attention. Layer names follow the UNet:
+``down.{block}.{attention}.{transformer}.cross``, ``mid.0.{t}.cross``, ``up.{block}.{attention}.{t}.cross``.
+The pipeline batches CFG as [uncond | cond]. Model output is eps or v (scheduler prediction_type).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import CROSS, Adapter, AttentionSite, Conditioning, TextStream
+
+
+class UNetAdapter(Adapter):
+    family = "unet"
+    denoiser_attr = "unet"
+
+    def _find_sites(self):
+        sites = []
+        for path, mod in self.denoiser.named_modules():
+            parts = path.split(".")
+            if parts[-1] != "attn2" or "attentions" not in parts:
+                continue
+            # e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn2
+            where = {"down_blocks": "down", "up_blocks": "up", "mid_block": "mid"}[parts[0]]
+            if where == "mid":
+                block, att, tb = "0", parts[2], parts[4]
+            else:
+                block, att, tb = parts[1], parts[3], parts[5]
+            sites.append(AttentionSite(f"{where}.{block}.{att}.{tb}.cross", path, CROSS))
+        order = {"down": 0, "mid": 1, "up": 2}
+        return sorted(sites, key=lambda s: (order[s.name.split(".")[0]], [int(p) for p in s.name.split(".")[1:4]]))
+
+    def streams(self, text_len=None):
+        n = text_len if text_len is not None else self.pipe.tokenizer.model_max_length
+        return [TextStream("clip", self.pipe.tokenizer, 0, n)]
+
+    def image_grid(self, call_args, call_kwargs):
+        x = call_kwargs.get("sample", call_args[0] if call_args else None)
+        return x.shape[-2], x.shape[-1]
+
+    # ----- maths: z = sqrt(a) x0 + sqrt(1 - a) eps, v = sqrt(a) eps - sqrt(1 - a) x0 -----
+    def _alpha(self, t, like):
+        ac = self.pipe.scheduler.alphas_cumprod
+        a = ac[torch.as_tensor(t).long().cpu()].to(like.dtype)
+        return a.sqrt(), (1 - a).sqrt()
+
+    @property
+    def prediction_type(self) -> str:
+        return self.pipe.scheduler.config.prediction_type
+
+    def add_noise(self, x0, noise, t):
+        sa, sb = self._alpha(t, x0)
+        return sa * x0 + sb * noise
+
+    def to_x0(self, out, z, t):
+        sa, sb = self._alpha(t, z)
+        if self.prediction_type == "v_prediction":
+            return sa * z - sb * out
+        return (z - sb * out) / sa
+
+    def to_eps(self, out, z, t):
+        sa, sb = self._alpha(t, z)
+        if self.prediction_type == "v_prediction":
+            return sb * z + sa * out
+        return out
+
+    def to_v(self, x0, eps, t):
+        sa, sb = self._alpha(t, x0)
+        return sa * eps - sb * x0
+
+    def log_snr(self, t):
+        a = self.pipe.scheduler.alphas_cumprod[torch.as_tensor(t).long()].double()
+        return torch.log(a / (1 - a))
+
+    def encode_prompt(self, prompt, negative_prompt="", do_cfg=True):
+        pe, ne = self.pipe.encode_prompt(
+            prompt, "cpu" if self.pipe.device.type == "cpu" else self.pipe.device, 1, do_cfg,
+            negative_prompt=negative_prompt if do_cfg else None,
+        )
+        return Conditioning(pe, None, ne if do_cfg else None, None)
+
+    def predict(self, z, t, cond: Conditioning, guidance_scale: float = 7.5):
+        cfg = cond.neg_embeds is not None and guidance_scale > 1
+        zin = torch.cat([z, z]) if cfg else z
+        zin = self.pipe.scheduler.scale_model_input(zin, t)
+        emb = torch.cat([cond.neg_embeds, cond.embeds]) if cfg else cond.embeds
+        out = self.denoiser(zin, t, encoder_hidden_states=emb, return_dict=False)[0]
+        if cfg:
+            uncond, c = out.chunk(2)
+            out = uncond + guidance_scale * (c - uncond)
+        return out
+
+    def step(self, out, t, z):
+        return self.pipe.scheduler.step(out, t, z, return_dict=False)[0]

@@ -1,0 +1,119 @@
+"""Model registry and ``load_pipeline``: real models by short name, local folders, tiny pipelines,
+or a pipeline object passed through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hub_id: str
+    pipeline: str  # diffusers pipeline class name
+    family: str
+    # the paper's settings (section 5): CFG 7.5, 50 steps, edit strength 0.75
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 50
+    strength: float = 0.75
+    resolution: int = 1024
+    gated: bool = False
+    note: str = ""
+
+
+MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        ModelSpec("sd3-medium", "stabilityai/stable-diffusion-3-medium-diffusers", "StableDiffusion3Pipeline", "sd3", gated=True),
+        ModelSpec("sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "StableDiffusion3Pipeline", "sd3", gated=True,
+                  note="dual-attention blocks (image-only attn2) in the first 13 layers"),
+        ModelSpec("sd3.5-large", "stabilityai/stable-diffusion-3.5-large", "StableDiffusion3Pipeline", "sd3", gated=True),
+        ModelSpec("flux-dev", "black-forest-labs/FLUX.1-dev", "FluxPipeline", "flux", gated=True,
+                  note="guidance-distilled: guidance_scale is the embedded guidance, no CFG batch"),
+        ModelSpec("flux-schnell", "black-forest-labs/FLUX.1-schnell", "FluxPipeline", "flux",
+                  guidance_scale=0.0, num_inference_steps=4, note="timestep-distilled: 1-4 steps, no guidance"),
+        ModelSpec("sd2.1", "stabilityai/stable-diffusion-2-1", "StableDiffusionPipeline", "unet", resolution=768,
+                  note="v-prediction"),
+        ModelSpec("sd2.1-base", "stabilityai/stable-diffusion-2-1-base", "StableDiffusionPipeline", "unet", resolution=512),
+    ]
+}
+
+
+class WeightsUnavailableError(RuntimeError):
+    pass
+
+
+def _tiny_names():
+    from .tiny import TINY
+
+    return list(TINY)
+
+
+def known_names() -> list[str]:
+    return list(MODELS) + _tiny_names()
+
+
+def load_pipeline(name_or_path, torch_dtype=None, device=None, **kwargs):
+    """A diffusers pipeline from a registry name, a tiny-pipeline name, a local folder, or a pipeline.
+
+    Registry names load from the Hugging Face hub cache or the hub (gated models need
+    ``huggingface-cli login`` or HF_TOKEN and accepting the licence on the model page). Offline, put the
+    weights in a folder (``huggingface-cli download <hub id> --local-dir DIR``) and pass the folder.
+    """
+    if not isinstance(name_or_path, (str, Path)):
+        if hasattr(name_or_path, "components"):
+            return name_or_path  # a pipeline object passes through
+        raise TypeError(f"load_pipeline takes a name, a folder or a pipeline, not {type(name_or_path).__name__}")
+    name = str(name_or_path)
+    if name in _tiny_names():
+        from .tiny import tiny_pipeline
+
+        pipe = tiny_pipeline(name)
+    elif Path(name).is_dir():
+        pipe = _from_pretrained(_pipeline_class_of(Path(name)), name, torch_dtype, **kwargs)
+    elif name in MODELS:
+        spec = MODELS[name]
+        import diffusers
+
+        pipe = _from_pretrained(getattr(diffusers, spec.pipeline), spec.hub_id, torch_dtype, spec=spec, **kwargs)
+    else:
+        raise KeyError(
+            f"unknown model {name!r}: not a registry name, a tiny pipeline, or an existing folder. "
+            f"Known names: {', '.join(known_names())}"
+        )
+    if device is not None:
+        pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipeline_class_of(folder: Path):
+    import json
+
+    import diffusers
+
+    index = folder / "model_index.json"
+    if not index.exists():
+        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
+    cls_name = json.loads(index.read_text())["_class_name"]
+    return getattr(diffusers, cls_name)
+
+
+def _from_pretrained(cls, where, torch_dtype, spec: ModelSpec | None = None, **kwargs):
+    try:
+        return cls.from_pretrained(where, torch_dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:  # hub client / missing files
+        if spec is None:
+            raise
+        how = (
+            "It is gated: accept its licence on the model page, then `huggingface-cli login` (or set HF_TOKEN). "
+            if spec.gated
+            else ""
+        )
+        raise WeightsUnavailableError(
+            f"could not load {spec.name} ({spec.hub_id}) from the hub or its cache: {type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}\n{how}Offline, download the weights on a machine with access "
+            f"(`huggingface-cli download {spec.hub_id} --local-dir DIR`) and pass DIR to load_pipeline; "
+            "without weights, the tiny pipelines (tiny-sd3, tiny-sd3.5, tiny-flux, tiny-unet) run every code path."
+        ) from None

@@ -1,0 +1,266 @@
+"""Tiny, randomly initialised pipelines of every supported family, built offline.
+
+They are the real diffusers pipeline classes with small components made from config dicts and
+tokenizers built in memory, so every code path of dit_probe can run without model weights
+(tests, docs, a laptop). Their images are noise: use them to exercise code, never to draw
+scientific conclusions.
+
+Tokenizers: every word of ``WORDS`` is one token; the words of ``SPLIT_WORDS`` come out as
+several pieces in every stream (T5: exactly the listed pieces; CLIP: whatever BPE pieces the
+learned merges give), so sub-word merging is exercised. Other words fall back to pieces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WORDS = (
+    "a an the of on in with and photo picture small large big tiny red green blue yellow orange "
+    "white black pink brown gray cyan car cat dog bus bird tree house circle square triangle star "
+    "heart cross ring diamond background sky"
+).split()
+# word -> the pieces every tiny tokenizer splits it into
+SPLIT_WORDS = {"purple": ("pur", "ple"), "giraffe": ("gir", "affe"), "bicycle": ("bicy", "cle")}
+
+CLIP_MAX_LENGTH = 16  # real CLIP: 77
+T5_MAX_LENGTH = 16  # real SD3: 256, Flux: 512 (pipeline argument max_sequence_length)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable character table."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def _learned_merges(words) -> list[tuple[str, str]]:
+    """BPE merges learned on ``words`` (each listed word then encodes as a single token)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=100_000, end_of_word_suffix="</w>", show_progress=False)
+    tok.train_from_iterator(list(words) * 2, trainer=trainer)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+
+def clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
+    """A CLIP BPE tokenizer with the real vocabulary layout: byte chars, byte chars + </w>,
+    merge results, then <|startoftext|>, <|endoftext|>. Merges are learned on ``WORDS`` only, so the
+    ``SPLIT_WORDS`` (and any other word) come out in several pieces."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    merges = _learned_merges(WORDS)
+    vocab_list = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    vocab_list = list(dict.fromkeys(vocab_list)) + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
+    """A T5 (SentencePiece Unigram) tokenizer: whole words as '▁word', split words as pieces."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in WORDS]
+    for split in SPLIT_WORDS.values():
+        pieces += [("▁" + split[0], -1.0)] + [(p, -1.0) for p in split[1:]]
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789,.'-!?"
+    pieces += [(c, -8.0) for c in letters] + [("▁" + c, -8.0) for c in letters]
+    pieces = list(dict(pieces).items())
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def _clip_config(tokenizer, hidden: int, projection: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="gelu",
+    )
+
+
+def _t5_encoder(tokenizer, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _vae(latent_channels: int, flow: bool):
+    from diffusers import AutoencoderKL
+
+    kwargs = dict(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305) if flow else {}
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        **kwargs,
+    ).eval()
+
+
+def tiny_sd3(seed: int = 0, sd35: bool = False):
+    """StableDiffusion3Pipeline (SD3 layout; ``sd35=True``: qk RMS-norm and a dual-attention block).
+
+    Image 32x32 -> VAE latent 16x16 -> patch 2 -> 64 image tokens; text = 16 CLIP + 16 T5 tokens.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok, tok_t5 = clip_tokenizer(), t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,  # == T5 d_model >= 2 x CLIP hidden
+        caption_projection_dim=32,  # == heads * head_dim
+        pooled_projection_dim=32,  # == sum of CLIP projection dims
+        pos_embed_max_size=16,
+        qk_norm="rms_norm" if sd35 else None,
+        dual_attention_layers=(0,) if sd35 else (),
+    ).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(4, flow=True),
+        text_encoder=CLIPTextModelWithProjection(_clip_config(tok, 32, 16)).eval(),
+        tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok, 32, 16)).eval(),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5_encoder(tok_t5, 64),
+        tokenizer_3=tok_t5,
+    )
+
+
+def tiny_flux(seed: int = 0):
+    """FluxPipeline: 1 double-stream and 2 single-stream blocks, RoPE, guidance embedding (like dev).
+
+    Image 32x32 -> latent 16x16 (4 ch) -> packed 2x2 -> 64 image tokens; text = 16 T5 tokens.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok, tok_t5 = clip_tokenizer(), t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 x VAE latent channels (2x2 packing)
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # == T5 d_model
+        pooled_projection_dim=32,  # == CLIP hidden
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    ).eval()
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(4, flow=True),
+        text_encoder=CLIPTextModel(_clip_config(tok, 32, 32)).eval(),
+        tokenizer=tok,
+        text_encoder_2=_t5_encoder(tok_t5, 32),
+        tokenizer_2=tok_t5,
+    )
+
+
+def tiny_unet(seed: int = 0, prediction_type: str = "v_prediction"):
+    """StableDiffusionPipeline with an SD2.1-style UNet (linear projections, v-prediction).
+
+    Image 32x32 -> latent 16x16; cross-attention at 16x16 and 8x8; text = 16 CLIP tokens.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),  # SD2 convention: number of heads per block
+        use_linear_projection=True,
+        norm_num_groups=8,
+    ).eval()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=_vae(4, flow=False),
+        text_encoder=CLIPTextModel(_clip_config(tok, 32, 32)).eval(),
+        tokenizer=tok,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+TINY = {
+    "tiny-sd3": lambda: tiny_sd3(),
+    "tiny-sd3.5": lambda: tiny_sd3(sd35=True),
+    "tiny-flux": lambda: tiny_flux(),
+    "tiny-unet": lambda: tiny_unet(),
+}
+
+
+def tiny_pipeline(name: str):
+    """Build one of ``TINY`` by name."""
+    if name not in TINY:
+        raise KeyError(f"unknown tiny pipeline {name!r}; known: {', '.join(TINY)}")
+    return TINY[name]()

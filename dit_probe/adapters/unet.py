@@ -76,9 +76,10 @@ class UNetAdapter(Adapter):
         return torch.log(a / (1 - a))
 
     def encode_prompt(self, prompt, negative_prompt="", do_cfg=True):
+        if do_cfg and not isinstance(prompt, str) and isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompt)
         pe, ne = self.pipe.encode_prompt(
-            prompt, "cpu" if self.pipe.device.type == "cpu" else self.pipe.device, 1, do_cfg,
-            negative_prompt=negative_prompt if do_cfg else None,
+            prompt, self.pipe.device, 1, do_cfg, negative_prompt=negative_prompt if do_cfg else None
         )
         return Conditioning(pe, None, ne if do_cfg else None, None)
 

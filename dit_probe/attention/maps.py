@@ -202,6 +202,11 @@ class AttentionMaps:
                 d = F.interpolate(d.reshape(-1, 1, h, w), size=tuple(grid), mode="bilinear", align_corners=False)
                 d = d.reshape(*lead, *grid)
             out.append(d)
+        if len({d.shape[3] for d in out}) > 1:
+            raise ValueError(
+                "these layers have different numbers of heads, so they cannot be stacked with heads kept: "
+                "select one layer at a time (layer=...) or record with heads='mean'"
+            )
         return torch.stack(out, dim=1)
 
     def word_map(self, word, layer=None, step=None, batch: int = 0, branch="cond", stream=None, normalise=None):

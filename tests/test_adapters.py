@@ -1,0 +1,142 @@
+"""Adapters: layer names, word -> token mapping, CFG layout, and the model maths."""
+
+import pytest
+import torch
+
+from dit_probe import get_adapter
+from dit_probe.tiny import SPLIT_WORDS, clip_tokenizer
+
+from .conftest import FAMILIES, generate
+
+
+def test_canonical_layer_names(pipes):
+    assert [s.name for s in get_adapter(pipes("tiny-sd3")).sites()] == ["block.00.joint", "block.01.joint", "block.02.joint"]
+    names35 = [s.name for s in get_adapter(pipes("tiny-sd3.5")).sites()]
+    assert names35 == ["block.00.joint", "block.00.image", "block.01.joint", "block.02.joint"]
+    assert [s.name for s in get_adapter(pipes("tiny-flux")).sites()] == ["double.00.joint", "single.00.joint", "single.01.joint"]
+    unet = [s.name for s in get_adapter(pipes("tiny-unet")).sites()]
+    assert unet[0] == "down.0.0.0.cross" and "mid.0.0.0.cross" in unet and unet[-1] == "up.1.1.0.cross"
+    assert len(unet) == 7
+
+
+def test_one_piece_words_in_every_stream(pipes):
+    prompt = "a red car on a blue background"
+    sd3 = get_adapter(pipes("tiny-sd3")).word_positions(prompt, "car", text_len=32)
+    assert sd3 == {"clip": [3], "t5": [16 + 2]}  # CLIP: <bos> a red car; T5: a red car (offset 16)
+    assert get_adapter(pipes("tiny-flux")).word_positions(prompt, "car", text_len=16) == {"t5": [2]}
+    assert get_adapter(pipes("tiny-unet")).word_positions(prompt, "car") == {"clip": [3]}
+
+
+def test_multi_piece_words_take_every_piece(pipes):
+    prompt = "a purple giraffe on a bicycle"
+    ad = get_adapter(pipes("tiny-sd3"))
+    toks = ad.tokens(prompt, text_len=32)
+    pos = ad.word_positions(prompt, "giraffe", text_len=32)
+    clip_pieces = [toks["clip"][p] for p in pos["clip"]]
+    t5_pieces = [toks["t5"][p - 16] for p in pos["t5"]]
+    assert len(clip_pieces) > 1 and "".join(clip_pieces).replace("</w>", "") == "giraffe"
+    assert t5_pieces == ["▁" + SPLIT_WORDS["giraffe"][0], SPLIT_WORDS["giraffe"][1]]
+    # the word's pieces are contiguous and nothing of its neighbours is included
+    assert pos["clip"] == list(range(pos["clip"][0], pos["clip"][-1] + 1))
+    # phrases map too, and matching is case-insensitive and whole-word
+    assert ad.word_positions("A Red car", "red car", text_len=32)["clip"] == [2, 3]
+    with pytest.raises(KeyError):
+        ad.word_positions("a redcar", "red", text_len=32)
+
+
+def test_word_not_in_prompt_error_lists_the_tokens(pipes):
+    ad = get_adapter(pipes("tiny-flux"))
+    with pytest.raises(KeyError) as err:
+        ad.word_positions("a red car", "bus", text_len=16)
+    assert "word 'bus' is not in prompt 'a red car'" in str(err.value) and "'▁red'" in str(err.value)
+
+
+def test_truncated_word_is_missing(pipes):
+    ad = get_adapter(pipes("tiny-unet"))  # CLIP: 16 positions incl. <bos>/<eos>
+    prompt = "a red car " * 6 + "giraffe"
+    with pytest.raises(KeyError, match="truncated"):
+        ad.word_positions(prompt, "giraffe")
+
+
+def test_tokenizer_builds_the_clip_vocab_layout():
+    tok = clip_tokenizer()
+    vocab = tok.get_vocab()
+    assert vocab["!"] == 0 and vocab["!</w>"] == 256
+    assert vocab["<|endoftext|>"] == len(vocab) - 1 and vocab["<|startoftext|>"] == len(vocab) - 2
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cfg_branch_layout(pipes, name):
+    """SD3 and SD batch [uncond | cond]; Flux runs cond then uncond as separate calls."""
+    from dit_probe import record
+
+    pipe = pipes(name)
+    with record(pipe, tokens=[1], branch="both") as maps:
+        generate(pipe, ["a red car"], steps=1)
+    # the uncond branch attends to the negative/empty prompt: its maps differ from the cond ones
+    t = maps.tensor()
+    assert maps.branches == ["uncond", "cond"] and t.shape[2] == 2
+    assert not torch.allclose(t[:, :, 0], t[:, :, 1])
+    with record(pipe, tokens=[1]) as cond_only:
+        generate(pipe, ["a red car"], steps=1)
+    assert torch.equal(cond_only.tensor()[:, :, 0], t[:, :, 1])
+
+
+# ----- model maths -----
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-unet", "tiny-flux"])
+def test_conversions_are_consistent(pipes, name):
+    ad = get_adapter(pipes(name))
+    torch.manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    t = ad.set_timesteps(10)[3]
+    z = ad.add_noise(x0, eps, t)
+    v = ad.to_v(x0, eps, t)
+    if ad.family == "unet" and ad.prediction_type == "epsilon":
+        out = eps
+    else:
+        out = v
+    assert torch.allclose(ad.to_x0(out, z, t), x0, atol=1e-9)
+    assert torch.allclose(ad.to_eps(out, z, t), eps, atol=1e-9)
+    # log-SNR falls as the timestep (noise level) rises
+    ts = ad.set_timesteps(10)
+    snr = torch.stack([ad.log_snr(t) for t in ts])
+    assert torch.all(snr[1:] > snr[:-1])
+
+
+def test_strength_maps_to_different_noise_levels_across_families(pipes):
+    """DESIGN section 2: SD3 (shift 3) at strength 0.75 is much noisier than SD2.1 at 0.75."""
+    sd3, unet = get_adapter(pipes("tiny-sd3")), get_adapter(pipes("tiny-unet"))
+    t_sd3, t_unet = sd3.set_timesteps(50, 0.75)[0], unet.set_timesteps(50, 0.75)[0]
+    assert abs(float(sd3.sigma(t_sd3)) - 0.90) < 0.01
+    assert abs(float(unet.log_snr(t_unet).exp()) - 0.076) < 0.01
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        sd3.set_timesteps(50, 1.5)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-unet", "tiny-flux"])
+def test_adapter_loop_reproduces_the_pipeline(pipes, name):
+    """encode_prompt + set_timesteps + predict + step, written with the adapter, give the pipeline's latents."""
+    pipe = pipes(name)
+    ad = get_adapter(pipe)
+    g = torch.Generator().manual_seed(3)
+    shape = (1, 4, 16, 16)
+    init = torch.randn(shape, generator=g)
+    steps = 3
+    if ad.family == "flux":
+        packed = ad.pack(init)
+        ref = pipe("a red car", latents=packed, height=32, width=32, num_inference_steps=steps, guidance_scale=3.5,
+                   max_sequence_length=16, output_type="latent").images
+        cond = ad.encode_prompt("a red car", do_cfg=False, max_sequence_length=16)
+        z = packed
+        for t in ad.set_timesteps(steps, image_seq_len=packed.shape[1]):
+            z = ad.step(ad.predict(z, t, cond, guidance_scale=3.5, grid=(8, 8)), t, z)
+    else:
+        kw = {"max_sequence_length": 16} if ad.family == "sd3" else {}
+        sigma0 = pipe.scheduler.init_noise_sigma if ad.family == "unet" else 1.0
+        ref = pipe("a red car", latents=init * sigma0, height=32, width=32, num_inference_steps=steps,
+                   guidance_scale=4.0, output_type="latent", **kw).images
+        cond = ad.encode_prompt("a red car", do_cfg=True, **kw)
+        z = init * sigma0
+        for t in ad.set_timesteps(steps):
+            z = ad.step(ad.predict(z, t, cond, guidance_scale=4.0), t, z)
+    assert torch.allclose(z, ref, atol=1e-5), (z - ref).abs().max()

@@ -136,28 +136,30 @@ def _vae(latent_channels: int, flow: bool):
     ).eval()
 
 
-def tiny_sd3(seed: int = 0, sd35: bool = False):
+def tiny_sd3(seed: int = 0, sd35: bool = False, num_layers: int = 3, heads: int = 4, clip_length: int = CLIP_MAX_LENGTH,
+             t5_length: int = T5_MAX_LENGTH, sample_size: int = 16):
     """StableDiffusion3Pipeline (SD3 layout; ``sd35=True``: qk RMS-norm and a dual-attention block).
 
-    Image 32x32 -> VAE latent 16x16 -> patch 2 -> 64 image tokens; text = 16 CLIP + 16 T5 tokens.
+    Default: image 32x32 -> VAE latent 16x16 -> patch 2 -> 64 image tokens; text = 16 CLIP + 16 T5
+    tokens. ``benchmarks/`` builds a narrow one with real token counts (77 CLIP + 256 T5, 1024 image).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    tok, tok_t5 = clip_tokenizer(), t5_tokenizer()
+    tok, tok_t5 = clip_tokenizer(clip_length), t5_tokenizer(t5_length)
     transformer = SD3Transformer2DModel(
-        sample_size=16,
+        sample_size=sample_size,
         patch_size=2,
         in_channels=4,
         out_channels=4,
-        num_layers=3,
+        num_layers=num_layers,
         attention_head_dim=8,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         joint_attention_dim=64,  # == T5 d_model >= 2 x CLIP hidden
-        caption_projection_dim=32,  # == heads * head_dim
+        caption_projection_dim=8 * heads,  # == heads * head_dim
         pooled_projection_dim=32,  # == sum of CLIP projection dims
-        pos_embed_max_size=16,
+        pos_embed_max_size=sample_size,
         qk_norm="rms_norm" if sd35 else None,
         dual_attention_layers=(0,) if sd35 else (),
     ).eval()
@@ -168,7 +170,7 @@ def tiny_sd3(seed: int = 0, sd35: bool = False):
         text_encoder=CLIPTextModelWithProjection(_clip_config(tok, 32, 16)).eval(),
         tokenizer=tok,
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok, 32, 16)).eval(),
-        tokenizer_2=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(clip_length),
         text_encoder_3=_t5_encoder(tok_t5, 64),
         tokenizer_3=tok_t5,
     )

@@ -132,6 +132,8 @@ class _Generation:
     grid: tuple[int, int] = (0, 0)
     cols: torch.Tensor | None = None  # text positions whose probabilities are computed
     weights: torch.Tensor | None = None  # (rows, targets, cols) 0/1: which positions make each target
+    layout: tuple | None = None  # (rows, items, text_len) the targets were computed for
+    row_index: object = None  # the selected rows as a slice (a view, no copy) or an index tensor
     data: dict = field(default_factory=dict)  # (layer, step) -> (sum (branch, batch, head, token, n), count)
     mass: dict = field(default_factory=dict)
 
@@ -251,7 +253,13 @@ class Recorder:
             g.batch = per_branch
         g.text_len = self.adapter.text_length(kwargs)
         g.grid = self.adapter.image_grid(args, kwargs)
-        self._targets_for(g)
+        layout = (tuple(g.rows), tuple(g.row_item), g.text_len)
+        if layout != g.layout:  # words -> positions once per generation, not at every step
+            self._targets_for(g)
+            g.layout = layout
+            r = g.rows
+            contiguous = r and r == list(range(r[0], r[-1] + 1))
+            g.row_index = slice(r[0], r[-1] + 1) if contiguous else torch.tensor(r)
 
     def _start_generation(self):
         self._flush()
@@ -343,9 +351,9 @@ class Recorder:
     def _record(self, site, q, k, attn_mask, scale, lse, gqa):
         g = self._gen
         img, txt = site.ranges(q.shape[-2], k.shape[-2], g.text_len)
-        rows = torch.tensor(g.rows)
+        rows = g.row_index
         dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        qi = q[rows][:, :, img].to(dtype)
+        qi = q[rows][:, :, img].to(dtype)  # a view when the rows are contiguous (the usual CFG half)
         kk = k[rows].to(dtype)
         if kk.shape[1] != qi.shape[1]:  # grouped-query attention
             kk = kk.repeat_interleave(qi.shape[1] // kk.shape[1], dim=1)
@@ -386,6 +394,11 @@ class Recorder:
             if self.text_mass:
                 if site.kind == CROSS and mask is None:
                     mass = torch.ones_like(lse_img)  # every key is text
+                elif lse is not None and tmask is None:
+                    # the same fused kernel gives the log-sum-exp over the text keys alone:
+                    # text mass = exp(lse_text - lse_all), with no (image x text) block in memory
+                    lse_txt = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qi, kt, kt, 0.0, False, scale=scale)[1]
+                    mass = (lse_txt - lse_img).exp()
                 else:
                     mass = torch.empty_like(lse_img)
                     for a in range(0, n, self.chunk_size):

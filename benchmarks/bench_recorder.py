@@ -1,10 +1,11 @@
 """Cost of recording attention: a generation without the recorder, with it (all layers, 2 words),
 and with a naive recorder that materialises the full softmax (what existing tools do).
 
-Each configuration runs in its own subprocess so peak memory is its own: the peak resident set
-size of the process over its first generation (VmHWM, reset just before it through
-/proc/self/clear_refs), and that peak's growth over the resident size of the built pipeline.
-Times are medians over repeats after that first generation.
+Times: one process per pipeline, the modes taking turns within each repeat (so drift of this
+shared 2-core machine hits them alike), median over repeats after a warm-up. Memory: each mode
+in its own fresh process, the peak resident set size over its first generation (VmHWM, reset
+just before it through /proc/self/clear_refs), and that peak's growth over the resident size of
+the built pipeline.
 Ratios are against the plain run of the same pipeline measured in the same invocation.
 
     python benchmarks/bench_recorder.py            # all pipelines (a few minutes on 2 CPU cores)
@@ -55,7 +56,7 @@ def _rss_kb(field):
     return 0
 
 
-def run_one(name, mode, repeats, steps):
+def _setup(name):
     import torch
 
     from dit_probe import record
@@ -64,54 +65,70 @@ def run_one(name, mode, repeats, steps):
     kind, kwargs = PIPELINES[name]
     pipe = _build(kind)
     pipe.set_progress_bar_config(disable=True)
-    call = dict(num_inference_steps=steps, guidance_scale=4.0, output_type="pt", **kwargs)
+    call = dict(guidance_scale=4.0, output_type="pt", **kwargs)
 
-    def generate():
+    def generate(mode, steps):
         g = torch.Generator().manual_seed(0)
         if mode == "plain":
-            return pipe(PROMPT, generator=g, **call).images
+            return pipe(PROMPT, generator=g, num_inference_steps=steps, **call).images
         method = {"recorder": "auto", "recorder-chunked": "chunked", "naive": "naive"}[mode]
         with record(pipe, words=WORDS, method=method):
-            return pipe(PROMPT, generator=g, **call).images
+            return pipe(PROMPT, generator=g, num_inference_steps=steps, **call).images
 
-    # memory: the first generation, from the resident size of the built pipeline
+    return generate
+
+
+def memory_one(name, mode, steps):
+    """Peak RSS over the first generation of one mode, in a fresh process."""
+    generate = _setup(name)
     rss_before = _rss_kb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS
     except OSError:
         pass
-    generate()
+    generate(mode, steps)
     peak = _rss_kb("VmHWM")
-    # time: warm generations
-    times = []
+    return {"peak_rss_mb": peak / 1024, "peak_growth_mb": (peak - rss_before) / 1024}
+
+
+def time_all(name, repeats, steps):
+    """Median time per mode; the modes take turns within each repeat so drift hits them alike."""
+    generate = _setup(name)
+    for mode in MODES:
+        generate(mode, steps)  # warm-up
+    times = {m: [] for m in MODES}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate()
-        times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times), "peak_rss_mb": peak / 1024, "peak_growth_mb": (peak - rss_before) / 1024}
+        for mode in MODES:
+            t0 = time.perf_counter()
+            generate(mode, steps)
+            times[mode].append(time.perf_counter() - t0)
+    return {m: statistics.median(v) for m, v in times.items()}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="*", default=list(PIPELINES))
-    ap.add_argument("--child", nargs=2)
+    ap.add_argument("--child", nargs=2, help="internal: PIPELINE MODE, or PIPELINE time")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
     args = ap.parse_args()
-    repeats, steps = (3, 4) if args.quick else (7, 4)
+    repeats, steps = (3, 4) if args.quick else (9, 4)
     if args.child:
-        print(json.dumps(run_one(args.child[0], args.child[1], repeats, steps)))
+        name, what = args.child
+        res = time_all(name, repeats, steps) if what == "time" else memory_one(name, what, steps)
+        print(json.dumps(res))
         return
     import torch
 
     results = {}
     for name in args.only:
-        results[name] = {}
-        for mode in MODES:
-            cmd = [sys.executable, __file__, "--child", name, mode] + (["--quick"] if args.quick else [])
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            results[name][mode] = json.loads(out)
-            print(f"{name:<22} {mode:<17} {results[name][mode]}", flush=True)
+        def child(what):
+            cmd = [sys.executable, __file__, "--child", name, what] + (["--quick"] if args.quick else [])
+            return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+        times = child("time")
+        results[name] = {mode: {"time_s": times[mode], **child(mode)} for mode in MODES}
+        print(f"{name:<22} {results[name]}", flush=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
     Path(args.out).write_text(json.dumps({"machine": machine, "steps": steps, "repeats": repeats, "results": results}, indent=1))
     print(f"\nmachine: {machine}; {steps} steps, CFG, median of {repeats}")

@@ -134,6 +134,7 @@ class _Generation:
     weights: torch.Tensor | None = None  # (rows, targets, cols) 0/1: which positions make each target
     layout: tuple | None = None  # (rows, items, text_len) the targets were computed for
     row_index: object = None  # the selected rows as a slice (a view, no copy) or an index tensor
+    store_index: tuple = ()  # (branch, item) index tensors of the selected rows
     data: dict = field(default_factory=dict)  # (layer, step) -> (sum (branch, batch, head, token, n), count)
     mass: dict = field(default_factory=dict)
 
@@ -260,6 +261,7 @@ class Recorder:
             r = g.rows
             contiguous = r and r == list(range(r[0], r[-1] + 1))
             g.row_index = slice(r[0], r[-1] + 1) if contiguous else torch.tensor(r)
+            g.store_index = (torch.tensor(g.row_branch), torch.tensor(g.row_item))
 
     def _start_generation(self):
         self._flush()
@@ -423,7 +425,7 @@ class Recorder:
                 g.mass[key] = torch.zeros(nb, batch, h, n)
             g.data[key].append(n)
         acc = g.data[key]
-        br, it = torch.tensor(g.row_branch), torch.tensor(g.row_item)
+        br, it = g.store_index
         acc[0][br, it] += maps
         acc[1][br, it] += 1
         if mass is not None:

@@ -132,7 +132,7 @@ class _Generation:
     grid: tuple[int, int] = (0, 0)
     cols: torch.Tensor | None = None  # text positions whose probabilities are computed
     weights: torch.Tensor | None = None  # (rows, targets, cols) 0/1: which positions make each target
-    layout: tuple | None = None  # (rows, items, text_len) the targets were computed for
+    layout: tuple | None = None  # (rows, branches, items, text_len) the targets were computed for
     row_index: object = None  # the selected rows as a slice (a view, no copy) or an index tensor
     store_index: tuple = ()  # (branch, item) index tensors of the selected rows
     data: dict = field(default_factory=dict)  # (layer, step) -> (sum (branch, batch, head, token, n), count)
@@ -254,7 +254,7 @@ class Recorder:
             g.batch = per_branch
         g.text_len = self.adapter.text_length(kwargs)
         g.grid = self.adapter.image_grid(args, kwargs)
-        layout = (tuple(g.rows), tuple(g.row_item), g.text_len)
+        layout = (tuple(g.rows), tuple(g.row_branch), tuple(g.row_item), g.text_len)
         if layout != g.layout:  # words -> positions once per generation, not at every step
             self._targets_for(g)
             g.layout = layout

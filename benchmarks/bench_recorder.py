@@ -122,7 +122,7 @@ def main():
 
     results = {}
     for name in args.only:
-        def child(what):
+        def child(what, name=name):
             cmd = [sys.executable, __file__, "--child", name, what] + (["--quick"] if args.quick else [])
             return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 

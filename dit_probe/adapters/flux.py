@@ -12,7 +12,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import JOINT_TEXT_IMAGE, SINGLE_TEXT_IMAGE, Adapter, AttentionSite, Conditioning, TextStream, block_name
+from .base import (
+    JOINT_TEXT_IMAGE,
+    SINGLE_TEXT_IMAGE,
+    Adapter,
+    AttentionSite,
+    Conditioning,
+    TextStream,
+    block_name,
+    check_strength,
+)
 from .flow import FlowMatchingMaths
 
 
@@ -64,8 +73,6 @@ class FluxAdapter(FlowMatchingMaths, Adapter):
     def set_timesteps(self, num_steps, strength=1.0, image_seq_len=None):
         """As FluxPipeline: sigmas 1 -> 1/n, shifted by mu when the scheduler uses dynamic shifting."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        from .base import check_strength
 
         check_strength(strength)
         sched = self.pipe.scheduler

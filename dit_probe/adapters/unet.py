@@ -19,7 +19,7 @@ class UNetAdapter(Adapter):
 
     def _find_sites(self):
         sites = []
-        for path, mod in self.denoiser.named_modules():
+        for path, _ in self.denoiser.named_modules():
             parts = path.split(".")
             if parts[-1] != "attn2" or "attentions" not in parts:
                 continue

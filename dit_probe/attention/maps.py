@@ -52,7 +52,8 @@ class AttentionMaps:
     def _add_generation(self, g, adapter) -> None:
         base_h, base_w = g.grid
         per_layer: dict[str, dict[int, tuple]] = {}
-        for (layer, step), (total, count, _calls, n) in g.data.items():
+        for (layer, step), (total, count) in g.data.items():
+            n = total.shape[-1]
             denom = count.clone()
             denom[denom == 0] = float("nan")  # a row never seen in this branch: NaN, not zero
             data = total / denom[:, :, None, None, None]
@@ -81,11 +82,10 @@ class AttentionMaps:
         self._data, self._mass = {}, {}
         for layer in self.layers:
             parts, mparts = [], []
+            # (head, token, n) of this layer, from any generation that recorded it
+            example = next(d for c in self._chunks for d in c["layers"].get(layer, {}).values())
             for c in self._chunks:
                 lay = c["layers"].get(layer, {})
-                example = next(iter(lay.values()), None) or next(
-                    iter(next(x for x in self._chunks if layer in x["layers"])["layers"][layer].values())
-                )
                 shape = (len(self.branches), c["batch"]) + tuple(example[0].shape[2:])
                 nan = torch.full(shape, float("nan"))
                 parts.append(torch.stack([lay[s][0] if s in lay else nan for s in steps]))

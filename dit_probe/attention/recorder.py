@@ -135,7 +135,7 @@ class _Generation:
     layout: tuple | None = None  # (rows, branches, items, text_len) the targets were computed for
     row_index: object = None  # the selected rows as a slice (a view, no copy) or an index tensor
     store_index: tuple = ()  # (branch, item) index tensors of the selected rows
-    data: dict = field(default_factory=dict)  # (layer, step) -> (sum (branch, batch, head, token, n), count)
+    data: dict = field(default_factory=dict)  # (layer, step) -> (sum (branch, batch, head, token, n), count (branch, batch))
     mass: dict = field(default_factory=dict)
 
 
@@ -298,7 +298,7 @@ class Recorder:
         elif [(d["label"], d["stream"]) for d in self.maps.tokens] != labels:
             raise ValueError("the text streams changed between generations; record them in separate contexts")
         positions = []  # per row: list per target
-        for r, item in zip(g.rows, g.row_item):
+        for item in g.row_item:
             per_target = []
             if self.words:
                 if not g.prompts:
@@ -327,7 +327,6 @@ class Recorder:
 
     # ----- the attention computation -----
     def _attend(self, site, q, k, v, attn_mask, dropout_p, is_causal, scale, kw):
-        g = self._gen
         fast = (
             self.method == "auto"
             and q.device.type == "cpu"
@@ -418,16 +417,15 @@ class Recorder:
         step = -1 if self.mean_over_steps else g.step
         key = (site.name, step)
         nb, batch = len(self.branches), g.batch
-        if key not in g.data:
+        if key not in g.data:  # running sums and counts, per (branch, batch item)
             h, t, n = maps.shape[1:]
-            g.data[key] = [torch.zeros(nb, batch, h, t, n), torch.zeros(nb, batch), 0]
+            g.data[key] = (torch.zeros(nb, batch, h, t, n), torch.zeros(nb, batch))
             if mass is not None:
                 g.mass[key] = torch.zeros(nb, batch, h, n)
-            g.data[key].append(n)
-        acc = g.data[key]
+        total, count = g.data[key]
         br, it = g.store_index
-        acc[0][br, it] += maps
-        acc[1][br, it] += 1
+        total[br, it] += maps
+        count[br, it] += 1
         if mass is not None:
             g.mass[key][br, it] += mass
 

@@ -1,4 +1,4 @@
-"""Command line: ``dit-probe models | record | demo``."""
+"""Command line: ``dit-probe models | record | demo | train-toy | evaluate-toy``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ from pathlib import Path
 def _cmd_models(args):
     from .registry import MODELS
     from .tiny import TINY
+    from .toyworld import TOY_MODELS
 
     print(f"{'name':<14} {'family':<6} {'hub id':<52} settings")
+    for name in TOY_MODELS:
+        family = "sd3" if name == "toy-mmdit" else "unet"
+        print(f"{name:<14} {family:<6} {'(shipped with dit_probe: trained toy-world model)':<52} see its MODEL_CARD.md")
     for m in MODELS.values():
         print(f"{m.name:<14} {m.family:<6} {m.hub_id:<52} cfg {m.guidance_scale}, {m.num_inference_steps} steps, "
               f"strength {m.strength}, {m.resolution}px{'  (gated)' if m.gated else ''}")
@@ -23,22 +27,17 @@ def _cmd_models(args):
 def _generate_and_record(model, prompts, words, steps, guidance, seed, size, layers=None, pipe=None):
     import torch
 
-    from .adapters import get_adapter
     from .attention import record
-    from .registry import MODELS, load_pipeline
+    from .registry import load_pipeline, sampling_settings
 
     pipe = pipe or load_pipeline(model)
-    spec = MODELS.get(model)
-    steps = steps or (spec.num_inference_steps if spec else 10)
-    guidance = guidance if guidance is not None else (spec.guidance_scale if spec else 4.0)
-    size = size or (spec.resolution if spec else 32)
-    kwargs = {}
-    if get_adapter(pipe).family != "unet" and model.startswith("tiny"):
-        kwargs["max_sequence_length"] = 16
+    kwargs = sampling_settings(pipe)  # the model's defaults; command-line values override them
+    for key, value in (("num_inference_steps", steps), ("guidance_scale", guidance), ("height", size), ("width", size)):
+        if value is not None:
+            kwargs[key] = value
     generator = torch.Generator().manual_seed(seed)
     with record(pipe, words=words, layers=layers) as maps:
-        images = pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=generator, output_type="pt", **kwargs).images
+        images = pipe(prompts, generator=generator, output_type="pt", **kwargs).images
     return maps, images
 
 
@@ -59,29 +58,65 @@ def _cmd_record(args):
 
 
 def _cmd_demo(args):
-    """The main job on the embedded default: record and plot attention maps offline."""
+    """The main job on the embedded default: generate with the toy pair, read the images back with the
+    judge, record and plot where the colour, shape and background words attend."""
+    import matplotlib.pyplot as plt
+
     from .attention.plot import plot_word_maps
+    from .registry import load_pipeline
+    from .toyworld import Judge
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = ["a red car on a blue background", "a red purple bicycle on a white background"]
-    import matplotlib.pyplot as plt
-
-    rows = []
-    for model in ("tiny-sd3", "tiny-flux", "tiny-unet"):
-        maps, images = _generate_and_record(model, prompts, ["red", "background"],
-                                            steps=4, guidance=4.0, seed=0, size=32)
-        maps.save(out / f"maps-{model}")
-        fig = plot_word_maps(maps, images=images)
-        path = out / f"demo-{model}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        rows.append((model, maps, path))
-    print("dit_probe demo: recorded image->text attention on tiny offline pipelines (random weights:")
-    print("the maps exercise the instruments; they carry no meaning until trained models are used).")
-    for model, maps, path in rows:
-        print(f"  {model:<10} {maps}\n             figure: {path}")
+    scenes = [("large", "red", "star", "white"), ("small", "blue", "circle", "black")]
+    judge = Judge()
+    print("dit_probe demo: the toy pair (toy-mmdit: SD3 joint attention; toy-unet: SD2-style cross-attention)")
+    for model in ("toy-mmdit", "toy-unet"):
+        pipe = load_pipeline(model)
+        for size, color, shape, background in scenes:
+            prompt = f"a {size} {color} {shape} on a {background} background"
+            maps, images = _generate_and_record(model, [prompt], [color, shape, "background"], steps=None,
+                                                guidance=None, seed=args.seed, size=None, pipe=pipe)
+            name = f"{model}-{color}-{shape}"
+            maps.save(out / f"maps-{name}")
+            fig = plot_word_maps(maps, images=images)
+            fig.savefig(out / f"demo-{name}.png", dpi=120)
+            plt.close(fig)
+            seen = judge.read(images)[0]
+            print(f"  {model:<9} prompt {prompt!r}\n            judge reads: {seen}"
+                  f"\n            attention maps of {maps.words}: {out / f'demo-{name}.png'}")
     print(f"results in {out.resolve()}")
+    return 0
+
+
+def _cmd_train_toy(args):
+    from .toyworld.train import TrainConfig, run
+
+    cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, threads=args.threads)
+    stages = tuple(args.stage or ("shared", "data", "mmdit", "unet", "ship"))
+    run(cfg, stages=stages, ship_to=Path(args.ship_to) if args.ship_to else None)
+    if "ship" in stages:
+        print("shipped pipelines written; measure them with `dit-probe evaluate-toy`")
+    return 0
+
+
+def _cmd_evaluate_toy(args):
+    import json
+
+    from .registry import load_pipeline
+    from .toyworld.evaluate import evaluate, write_model_card
+
+    for model in args.model or ["toy-mmdit", "toy-unet"]:
+        pipe = load_pipeline(model)
+        results = evaluate(pipe, n=args.n, n_omit=args.n_omit, log=lambda m: print(f"{model}: {m}"))
+        if args.card:
+            from .toyworld import SHIPPED
+
+            kind = model.removeprefix("toy-")
+            loss = Path(args.runs) / f"{kind}-loss.csv"
+            write_model_card(SHIPPED / model, results, loss if loss.exists() else None)
+        else:
+            print(json.dumps(results, indent=2))
     return 0
 
 
@@ -100,11 +135,27 @@ def main(argv=None) -> int:
     r.add_argument("--size", type=int, default=None, help="image height and width in pixels")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="outputs/record")
-    d = sub.add_parser("demo", help="the main job on the embedded default (offline, CPU, seconds)")
+    d = sub.add_parser("demo", help="the main job on the embedded default: the toy models (offline, CPU, seconds)")
     d.add_argument("--out", default="outputs/demo")
+    d.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train-toy", help="train the toy pair (resumable; about 1 h on 2 CPU cores)")
+    t.add_argument("--out", default="runs/toy", help="run folder: checkpoints, loss logs, caches")
+    t.add_argument("--stage", action="append", choices=["shared", "data", "mmdit", "unet", "ship"],
+                   help="run only these stages (repeatable); default all, each skipped when already done")
+    t.add_argument("--steps", type=int, default=10_000, help="denoiser training steps (both models)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    t.add_argument("--ship-to", default=None, help="folder for the finished pipelines (default: inside the package)")
+    e = sub.add_parser("evaluate-toy", help="measure a toy model's quality with the judge")
+    e.add_argument("--model", action="append", help="toy-mmdit, toy-unet or a folder (repeatable; default both)")
+    e.add_argument("--n", type=int, default=240, help="generations with the full caption")
+    e.add_argument("--n-omit", type=int, default=120, help="generations per omitted attribute")
+    e.add_argument("--card", action="store_true", help="write MODEL_CARD.md and quality.json into the shipped folder")
+    e.add_argument("--runs", default="runs/toy", help="training run folder (for the loss log in the card)")
     args = p.parse_args(argv)
     try:
-        return {"models": _cmd_models, "record": _cmd_record, "demo": _cmd_demo}[args.cmd](args)
+        return {"models": _cmd_models, "record": _cmd_record, "demo": _cmd_demo, "train-toy": _cmd_train_toy,
+                "evaluate-toy": _cmd_evaluate_toy}[args.cmd](args)
     except (KeyError, ValueError, IndexError, FileNotFoundError, RuntimeError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dit-probe {args.cmd}: error: {msg}", file=sys.stderr)

@@ -50,8 +50,45 @@ def _tiny_names():
     return list(TINY)
 
 
+def _toy_folder(name: str) -> Path | None:
+    from .toyworld import SHIPPED, TOY_MODELS
+
+    return SHIPPED / name if name in TOY_MODELS else None
+
+
 def known_names() -> list[str]:
-    return list(MODELS) + _tiny_names()
+    from .toyworld import TOY_MODELS
+
+    return list(TOY_MODELS) + list(MODELS) + _tiny_names()
+
+
+SETTINGS_FILE = "dit_probe.json"  # a pipeline folder's default sampling settings (the toy models ship one)
+
+
+def sampling_settings(pipe) -> dict:
+    """The default call arguments of a pipeline loaded by ``load_pipeline`` (steps, guidance, size, and
+    for SD3 without T5 the text length); {} for a pipeline built elsewhere. Pass them on to ``pipe(...)``."""
+    return dict(getattr(pipe, "dit_probe_settings", {}))
+
+
+def _settings_for(name: str, pipe, folder: Path | None) -> dict:
+    import json
+
+    if folder is not None and (folder / SETTINGS_FILE).exists():
+        meta = json.loads((folder / SETTINGS_FILE).read_text())
+        return {**meta.get("sampling", {}), "height": meta.get("height"), "width": meta.get("width")}
+    if name in MODELS:
+        spec = MODELS[name]
+        return dict(num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                    height=spec.resolution, width=spec.resolution)  # fmt: skip
+    if name in _tiny_names():
+        from .tiny import T5_MAX_LENGTH
+
+        out = dict(num_inference_steps=10, guidance_scale=4.0, height=32, width=32)
+        if hasattr(pipe, "transformer"):
+            out["max_sequence_length"] = T5_MAX_LENGTH
+        return out
+    return {}
 
 
 def load_pipeline(name_or_path, torch_dtype=None, device=None, **kwargs):
@@ -66,12 +103,20 @@ def load_pipeline(name_or_path, torch_dtype=None, device=None, **kwargs):
             return name_or_path  # a pipeline object passes through
         raise TypeError(f"load_pipeline takes a name, a folder or a pipeline, not {type(name_or_path).__name__}")
     name = str(name_or_path)
+    folder = _toy_folder(name) or (Path(name) if Path(name).is_dir() else None)
     if name in _tiny_names():
         from .tiny import tiny_pipeline
 
         pipe = tiny_pipeline(name)
-    elif Path(name).is_dir():
-        pipe = _from_pretrained(_pipeline_class_of(Path(name)), name, torch_dtype, **kwargs)
+    elif folder is not None:
+        if not (folder / "model_index.json").exists() and _toy_folder(name):
+            raise FileNotFoundError(
+                f"the shipped {name} weights are missing from {folder}: reinstall dit_probe, or rebuild them "
+                "with `dit-probe train-toy` (see the model card)"
+            )
+        cls, absent = _pipeline_class_of(folder)
+        # components saved as null (toy-mmdit has no T5) must be passed as None explicitly
+        pipe = _from_pretrained(cls, str(folder), torch_dtype, **{**{k: None for k in absent}, **kwargs})
     elif name in MODELS:
         spec = MODELS[name]
         import diffusers
@@ -85,6 +130,7 @@ def load_pipeline(name_or_path, torch_dtype=None, device=None, **kwargs):
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    pipe.dit_probe_settings = _settings_for(name, pipe, folder)
     return pipe
 
 
@@ -96,8 +142,9 @@ def _pipeline_class_of(folder: Path):
     index = folder / "model_index.json"
     if not index.exists():
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
-    cls_name = json.loads(index.read_text())["_class_name"]
-    return getattr(diffusers, cls_name)
+    meta = json.loads(index.read_text())
+    absent = [k for k, v in meta.items() if isinstance(v, list) and v == [None, None]]
+    return getattr(diffusers, meta["_class_name"]), absent
 
 
 def _from_pretrained(cls, where, torch_dtype, spec: ModelSpec | None = None, **kwargs):

@@ -53,14 +53,14 @@ def _learned_merges(words) -> list[tuple[str, str]]:
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
 
 
-def clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
+def clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH, words=WORDS):
     """A CLIP BPE tokenizer with the real vocabulary layout: byte chars, byte chars + </w>,
-    merge results, then <|startoftext|>, <|endoftext|>. Merges are learned on ``WORDS`` only, so the
-    ``SPLIT_WORDS`` (and any other word) come out in several pieces."""
+    merge results, then <|startoftext|>, <|endoftext|>. Merges are learned on ``words`` only, so each
+    of them is one token and any other word (``SPLIT_WORDS``) comes out in several pieces."""
     from transformers import CLIPTokenizer
 
     chars = list(_bytes_to_unicode().values())
-    merges = _learned_merges(WORDS)
+    merges = _learned_merges(words)
     vocab_list = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
     vocab_list = list(dict.fromkeys(vocab_list)) + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(vocab_list)}

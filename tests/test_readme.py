@@ -11,6 +11,6 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     scope = {}
     exec(compile(block, "README quickstart", "exec"), scope)
     maps = scope["maps"]
-    assert maps.words == ["red", "car"] and maps.steps == [0, 3]
+    assert maps.words == ["red", "star"] and maps.steps == [0, 24]
     assert scope["red"].shape == (8, 8)
     assert (tmp_path / "outputs/quickstart-maps/maps.safetensors").exists()

@@ -17,7 +17,11 @@ from .flow import FlowMatchingMaths
 class SD3Adapter(FlowMatchingMaths, Adapter):
     family = "sd3"
     denoiser_attr = "transformer"
-    default_max_sequence_length = 256
+
+    @property
+    def default_max_sequence_length(self) -> int:
+        """The pipeline's own default (256), unless its dit_probe settings say otherwise (toy-mmdit: 0, no T5)."""
+        return getattr(self.pipe, "dit_probe_settings", {}).get("max_sequence_length", 256)
 
     def _find_sites(self):
         sites = []
@@ -62,7 +66,7 @@ class SD3Adapter(FlowMatchingMaths, Adapter):
             prompt_3=None,
             negative_prompt=negative_prompt if do_cfg else None,
             do_classifier_free_guidance=do_cfg,
-            max_sequence_length=max_sequence_length or self.default_max_sequence_length,
+            max_sequence_length=self.default_max_sequence_length if max_sequence_length is None else max_sequence_length,
         )
         return Conditioning(pe, pp, npe, npp)
 

@@ -1,0 +1,185 @@
+"""Quality of the toy models, measured by the judge: generation, img2img reconstruction, and the
+spread of an attribute the prompt leaves out. Evaluation scenes and noise seeds start at 1_000_000,
+far from every seed used in training (scene seeds 0..n_images, renders for the VAE and the judge
+at 10_000_000 and up)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import torch
+
+from ..registry import sampling_settings
+from .judge import Judge
+from .world import ATTRIBUTES, Scene, render, scenes
+
+EVAL_SEED = 1_000_000
+
+
+def _to_uint8(images) -> np.ndarray:
+    x = images.detach().float().cpu().permute(0, 2, 3, 1).numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], batch: int = 64, **overrides) -> np.ndarray:
+    """uint8 (N, H, W, 3) images, one noise seed per prompt (independent of the batch size)."""
+    kw = {**sampling_settings(pipe), **overrides}
+    out = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
+        with torch.no_grad():
+            imgs = pipe(prompts[i : i + batch], generator=gens, output_type="pt", **kw).images
+        out.append(_to_uint8(imgs))
+    return np.concatenate(out)
+
+
+def img2img_pipeline(pipe):
+    """The img2img pipeline over the same components (shares the modules, no copy)."""
+    import diffusers
+
+    name = type(pipe).__name__
+    cls = getattr(diffusers, name.replace("Pipeline", "Img2ImgPipeline"), None)
+    if cls is None:
+        raise TypeError(f"no img2img pipeline for {name}")
+    extra = {"requires_safety_checker": False} if "safety_checker" in pipe.components else {}
+    out = cls(**pipe.components, **extra)
+    out.set_progress_bar_config(disable=True)
+    out.dit_probe_settings = sampling_settings(pipe)
+    return out
+
+
+def reconstruct(pipe, items: list[Scene], prompts: list[str], seeds: list[int], strength: float, batch: int = 64) -> np.ndarray:
+    from PIL import Image
+
+    i2i = img2img_pipeline(pipe)
+    kw = {k: v for k, v in sampling_settings(pipe).items() if k not in ("height", "width")}
+    out = []
+    for i in range(0, len(items), batch):
+        init = [Image.fromarray(render(s)) for s in items[i : i + batch]]
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
+        with torch.no_grad():
+            imgs = i2i(prompts[i : i + batch], image=init, strength=strength, generator=gens, output_type="pt", **kw).images
+        out.append(_to_uint8(imgs))
+    return np.concatenate(out)
+
+
+def match_rates(judge: Judge, images: np.ndarray, items: list[Scene]) -> dict[str, float]:
+    got = judge.read(images)
+    rates = {a: float(np.mean([g[a] == getattr(s, a) for g, s in zip(got, items)])) for a in ATTRIBUTES}
+    rates["all"] = float(np.mean([all(g[a] == getattr(s, a) for a in ATTRIBUTES) for g, s in zip(got, items)]))
+    return rates
+
+
+def entropy_bits(values) -> float:
+    counts = Counter(values)
+    n = sum(counts.values())
+    return max(0.0, float(-sum(c / n * math.log2(c / n) for c in counts.values())))
+
+
+def evaluate(pipe, n: int = 240, n_omit: int = 120, strength: float = 0.5, judge: Judge | None = None, log=print) -> dict:
+    """Generation and reconstruction match rates per attribute, and the spread of omitted attributes."""
+    judge = judge or Judge()
+    items = scenes(n, seed=EVAL_SEED)
+    seeds = list(range(EVAL_SEED, EVAL_SEED + n))
+    prompts = [s.caption() for s in items]
+    results = {"n": n, "n_omit": n_omit, "settings": sampling_settings(pipe)}
+    results["generation"] = match_rates(judge, generate(pipe, prompts, seeds), items)
+    log(f"generation (n={n}): {results['generation']}")
+    results["reconstruction"] = match_rates(judge, reconstruct(pipe, items, prompts, seeds, strength), items)
+    results["reconstruction"]["strength"] = strength
+    log(f"img2img at strength {strength}: {results['reconstruction']}")
+    omit = {}
+    for k, attr in enumerate(ATTRIBUTES):
+        its = scenes(n_omit, seed=EVAL_SEED + 1 + k)
+        imgs = generate(pipe, [s.caption(drop=(attr,)) for s in its], list(range(EVAL_SEED + 10_000 * (k + 1), EVAL_SEED + 10_000 * (k + 1) + n_omit)))
+        got = judge.read(imgs)
+        vals = [g[attr] for g in got]
+        kept = match_rates(judge, imgs, its)
+        omit[attr] = {
+            "entropy_bits": entropy_bits(vals),
+            "max_bits": math.log2(len(ATTRIBUTES[attr])),
+            "counts": dict(Counter(str(v) for v in vals)),
+            "others_match": {a: kept[a] for a in ATTRIBUTES if a != attr},
+        }
+        log(f"omit {attr}: entropy {omit[attr]['entropy_bits']:.2f} of {omit[attr]['max_bits']:.2f} bits; {omit[attr]['counts']}")
+    results["omitted"] = omit
+    return results
+
+
+def _loss_summary(loss_csv) -> str:
+    import pandas as pd
+
+    df = pd.read_csv(loss_csv)
+    first, last = df.iloc[0], df.iloc[-1]
+    secs = df["seconds"].sum()
+    return (f"Training loss (mean of 50 steps) {first['loss']:.4f} at step {int(first['step'])} -> {last['loss']:.4f} "
+            f"at step {int(last['step'])}; {secs / 60:.0f} min of training on the machine that trained it")  # fmt: skip
+
+
+def write_model_card(folder, results: dict, loss_csv=None):
+    """MODEL_CARD.md for a shipped toy pipeline, from its dit_probe.json and measured ``results``."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    meta = json.loads((folder / "dit_probe.json").read_text())
+    name, tr = meta["name"], meta["training"]
+    arch = {
+        "toy-mmdit": "StableDiffusion3Pipeline: SD3Transformer2DModel (4 joint-attention blocks, 4 heads x 32, patch 2: "
+        "64 image tokens + 16 text tokens), flow matching (FlowMatchEulerDiscreteScheduler, shift 3); two frozen random "
+        "CLIP text encoders side by side, no T5 (max_sequence_length=0)",
+        "toy-unet": "StableDiffusionPipeline: UNet2DConditionModel (SD2-style, linear projections, channels 32/64/112, "
+        "cross-attention at 16x16 and 8x8), v-prediction on a zero-terminal-SNR scaled-linear schedule (DDIM, trailing "
+        "spacing); one frozen random CLIP text encoder",
+    }[name]
+    g, r = results["generation"], results["reconstruction"]
+    rows = "\n".join(f"| {a} | {g[a]:.1%} | {r[a]:.1%} |" for a in ATTRIBUTES)
+    omit = "\n".join(
+        f"| {a} | {o['entropy_bits']:.2f} | {o['max_bits']:.2f} | {', '.join(f'{k}: {v}' for k, v in sorted(o['counts'].items()))} |"
+        for a, o in results["omitted"].items()
+    )
+    s = meta["sampling"]
+    text = f"""# {name}
+
+A small text-to-image model of the dit_probe shapes world (one object of a known shape, colour and size on a
+plain background, 32x32 RGB), trained from scratch on a CPU. Part of a matched pair (toy-mmdit, toy-unet): the
+same renders, captions, caption dropout, tokenizer, text encoder and VAE, the same number of training steps,
+and denoisers of similar size. It exists so the instruments of dit_probe give real, exactly measurable results
+offline. It knows nothing outside this world.
+
+- Architecture: {arch}.
+- Denoiser parameters: {meta['denoiser_parameters']:,}.
+- Shared: CLIP-style BPE tokenizer over the world's vocabulary (every word one token, 16 positions), a frozen
+  randomly initialised CLIP text encoder (2 layers, width 64), a VAE trained on renders (32x32x3 -> 16x16x4).
+- Data: {tr['n_images']:,} renders (scene seeds 0..{tr['n_images'] - 1}), 8 shapes x 8 colours x 2 sizes x 3
+  backgrounds with position jitter. Caption "a {{size}} {{color}} {{shape}} on a {{background}} background"; each
+  attribute word dropped with p={tr['p_attribute']} (a dropped shape reads "shape"), the whole caption with p={tr['p_caption']}.
+- Training: {tr['steps']:,} steps, batch {tr['batch']}, AdamW lr {tr['lr']} (warm-up {tr['warmup']}, cosine to 10%),
+  gradient clipping 1.0, EMA {tr['ema_decay']} (the shipped weights are the EMA), seed {tr['seed']}.
+  {_loss_summary(loss_csv) if loss_csv else ''}
+- Default sampling: {s['num_inference_steps']} steps, guidance {s['guidance_scale']}, 32x32{', max_sequence_length=0' if 'max_sequence_length' in s else ''}
+  (`dit_probe.registry.sampling_settings(pipe)` returns them; `load_pipeline("{name}")` loads the pipeline).
+- Rebuild: `dit-probe train-toy` (see the README); evaluate: `dit-probe evaluate-toy --model {name}`.
+
+## Quality, measured by the toy judge
+
+{results['n']} prompts with the full caption, scenes and noise seeds from {EVAL_SEED} on (not used in training).
+Generation: the image from the caption. Reconstruction: img2img of the scene's render at strength
+{r['strength']} with the full caption.
+
+| attribute | generation | reconstruction |
+|---|---|---|
+{rows}
+| all four | {g['all']:.1%} | {r['all']:.1%} |
+
+A prompt that leaves one attribute out gives a spread of values for it (entropy of the judged values,
+{results['n_omit']} generations each, the other attributes in the prompt; a uniform spread gives the maximum):
+
+| omitted | entropy (bits) | maximum | judged values |
+|---|---|---|---|
+{omit}
+"""
+    (folder / "MODEL_CARD.md").write_text(text)
+    (folder / "quality.json").write_text(json.dumps(results, indent=2))

@@ -117,6 +117,13 @@ def _cmd_evaluate_toy(args):
             write_model_card(SHIPPED / model, results, loss if loss.exists() else None)
         else:
             print(json.dumps(results, indent=2))
+    if args.figure:
+        from .toyworld.evaluate import sample_figure
+
+        fig = sample_figure({m: load_pipeline(m) for m in args.model or ["toy-mmdit", "toy-unet"]})
+        Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.figure, dpi=130)
+        print(f"figure: {args.figure}")
     return 0
 
 
@@ -152,6 +159,7 @@ def main(argv=None) -> int:
     e.add_argument("--n-omit", type=int, default=120, help="generations per omitted attribute")
     e.add_argument("--card", action="store_true", help="write MODEL_CARD.md and quality.json into the shipped folder")
     e.add_argument("--runs", default="runs/toy", help="training run folder (for the loss log in the card)")
+    e.add_argument("--figure", default=None, help="also write a figure of held-out generations here (e.g. figures/toy-samples.png)")
     args = p.parse_args(argv)
     try:
         return {"models": _cmd_models, "record": _cmd_record, "demo": _cmd_demo, "train-toy": _cmd_train_toy,

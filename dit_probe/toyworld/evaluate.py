@@ -113,9 +113,13 @@ def _loss_summary(loss_csv) -> str:
 
     df = pd.read_csv(loss_csv)
     first, last = df.iloc[0], df.iloc[-1]
-    secs = df["seconds"].sum()
-    return (f"Training loss (mean of 50 steps) {first['loss']:.4f} at step {int(first['step'])} -> {last['loss']:.4f} "
-            f"at step {int(last['step'])}; {secs / 60:.0f} min of training on the machine that trained it")  # fmt: skip
+    restarts = df["step"][df["lr"].diff() > 0].tolist()  # the learning rate only rises when training was extended
+    text = (f"Training loss (mean of 50 steps) {first['loss']:.4f} at step {int(first['step'])} -> {last['loss']:.4f} "
+            f"at step {int(last['step'])}; {df['seconds'].sum() / 60:.0f} min of training on 1 CPU thread (mostly).")  # fmt: skip
+    if restarts:
+        text += (f" Trained in phases: extended at step(s) {', '.join(str(int(r) - 50) for r in restarts)} "
+                 "(`--steps` raised; the cosine schedule restarts from the new total).")
+    return text
 
 
 def write_model_card(folder, results: dict, loss_csv=None):
@@ -183,3 +187,31 @@ A prompt that leaves one attribute out gives a spread of values for it (entropy 
 """
     (folder / "MODEL_CARD.md").write_text(text)
     (folder / "quality.json").write_text(json.dumps(results, indent=2))
+
+
+def sample_figure(pipes: dict, n: int = 16, seed: int = EVAL_SEED + 500_000):
+    """A figure: the same held-out prompts through each model (rows: the render of the prompt's scene,
+    then one row per model), each image titled with what the judge reads (mismatches in red)."""
+    import matplotlib.pyplot as plt
+
+    judge = Judge()
+    items = scenes(n, seed=seed)
+    prompts = [s.caption() for s in items]
+    rows = [("render", np.stack([render(s) for s in items]))]
+    rows += [(name, generate(pipe, prompts, list(range(seed, seed + n)))) for name, pipe in pipes.items()]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.35 * len(rows) + 0.3), squeeze=False)
+    for r, (name, imgs) in enumerate(rows):
+        read = judge.read(imgs)
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(imgs[c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ok = all(read[c][a] == getattr(items[c], a) for a in ATTRIBUTES)
+            label = " ".join(str(read[c][a])[:5] for a in ("size", "color", "shape")) + f"\n{read[c]['background']}"
+            ax.set_title(label, fontsize=6, color="black" if ok else "red")
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle("Held-out prompts (top: the prompt's scene rendered); titles: what the judge reads", fontsize=9)
+    fig.tight_layout()
+    return fig

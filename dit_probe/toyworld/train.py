@@ -10,7 +10,8 @@ Stages (each skipped when its output exists, so a stopped run picks up where it 
 Both denoisers see the same renders, the same caption dropout and the same number of steps.
 Denoiser training writes a checkpoint every ``checkpoint_every`` steps (weights, EMA, optimiser,
 RNG states) and appends to ``{model}-loss.csv``; a restarted run continues from the last checkpoint
-and is bit-for-bit the run that was not stopped.
+and is bit-for-bit the run that was not stopped. Running again with a larger ``--steps`` extends a
+finished denoiser from its last checkpoint (the cosine schedule is then that of the new total).
 """
 
 from __future__ import annotations
@@ -271,8 +272,10 @@ def latents_for(kind: str, vae, mean, std, gen):
 
 def stage_denoiser(kind: str, cfg: TrainConfig, out: Path, shared: dict, data: dict):
     final = out / f"{kind}-final.pt"
-    if final.exists():
+    if final.exists() and torch.load(final)["steps"] >= cfg.steps:
         return torch.load(final)
+    # (a final file with fewer steps: training is being extended; it goes on from the last checkpoint
+    # under the schedule of the new ``steps``)
     from diffusers import DDPMScheduler
 
     model = models.mmdit(cfg.seed) if kind == "mmdit" else models.unet(cfg.seed)

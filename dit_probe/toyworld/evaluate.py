@@ -108,12 +108,13 @@ def evaluate(pipe, n: int = 240, n_omit: int = 120, strength: float = 0.5, judge
     return results
 
 
-def _loss_summary(loss_csv) -> str:
+def _loss_summary(loss_csv, warmup: int) -> str:
     import pandas as pd
 
     df = pd.read_csv(loss_csv)
     first, last = df.iloc[0], df.iloc[-1]
-    restarts = df["step"][df["lr"].diff() > 0].tolist()  # the learning rate only rises when training was extended
+    # after the warm-up the learning rate only rises where training was extended
+    restarts = df["step"][(df["lr"].diff() > 0) & (df["step"] > warmup + 50)].tolist()
     text = (f"Training loss (mean of 50 steps) {first['loss']:.4f} at step {int(first['step'])} -> {last['loss']:.4f} "
             f"at step {int(last['step'])}; {df['seconds'].sum() / 60:.0f} min of training on 1 CPU thread (mostly).")  # fmt: skip
     if restarts:
@@ -145,6 +146,16 @@ def write_model_card(folder, results: dict, loss_csv=None):
         for a, o in results["omitted"].items()
     )
     s = meta["sampling"]
+    rebuild = ""
+    if loss_csv:
+        import pandas as pd
+
+        df = pd.read_csv(loss_csv)
+        ends = [int(x) - 50 for x in df["step"][(df["lr"].diff() > 0) & (df["step"] > tr["warmup"] + 50)]][1:] + [tr["steps"]]
+        kind = name.removeprefix("toy-")
+        rebuild = "".join(f", then `dit-probe train-toy --stage {kind} --steps {e}`" for e in ends if e != 10000)
+        if rebuild:
+            rebuild += ", then `dit-probe train-toy --stage ship`"
     text = f"""# {name}
 
 A small text-to-image model of the dit_probe shapes world (one object of a known shape, colour and size on a
@@ -162,10 +173,11 @@ offline. It knows nothing outside this world.
   attribute word dropped with p={tr['p_attribute']} (a dropped shape reads "shape"), the whole caption with p={tr['p_caption']}.
 - Training: {tr['steps']:,} steps, batch {tr['batch']}, AdamW lr {tr['lr']} (warm-up {tr['warmup']}, cosine to 10%),
   gradient clipping 1.0, EMA {tr['ema_decay']} (the shipped weights are the EMA), seed {tr['seed']}.
-  {_loss_summary(loss_csv) if loss_csv else ''}
+  {_loss_summary(loss_csv, tr['warmup']) if loss_csv else ''}
 - Default sampling: {s['num_inference_steps']} steps, guidance {s['guidance_scale']}, 32x32{', max_sequence_length=0' if 'max_sequence_length' in s else ''}
   (`dit_probe.registry.sampling_settings(pipe)` returns them; `load_pipeline("{name}")` loads the pipeline).
-- Rebuild: `dit-probe train-toy` (see the README); evaluate: `dit-probe evaluate-toy --model {name}`.
+- Rebuild: `dit-probe train-toy --steps 10000` (all stages){rebuild}; evaluate:
+  `dit-probe evaluate-toy --model {name} --card`.
 
 ## Quality, measured by the toy judge
 

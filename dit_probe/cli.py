@@ -108,7 +108,7 @@ def _cmd_evaluate_toy(args):
 
     for model in args.model or ["toy-mmdit", "toy-unet"]:
         pipe = load_pipeline(model)
-        results = evaluate(pipe, n=args.n, n_omit=args.n_omit, log=lambda m: print(f"{model}: {m}"))
+        results = evaluate(pipe, n=args.n, n_omit=args.n_omit, log=lambda m, model=model: print(f"{model}: {m}"))
         if args.card:
             from .toyworld import SHIPPED
 

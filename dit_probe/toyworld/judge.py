@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .world import ATTRIBUTES, BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES, render, scenes
+from .world import ATTRIBUTES, BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, render, scenes
 
 WEIGHTS = Path(__file__).with_name("shape_classifier.safetensors")
 MASK_DISTANCE = 50.0  # RGB distance from the background that counts as object (named colours are >= 100 apart)

@@ -17,7 +17,6 @@ finished denoiser from its last checkpoint (the cosine schedule is then that of 
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import os

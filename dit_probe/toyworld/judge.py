@@ -113,7 +113,10 @@ class Judge:
     def scores(self, images) -> dict[str, np.ndarray]:
         """Per attribute, an (N, number of values) array of probabilities in the order of ``ATTRIBUTES``.
         Images with no object get uniform colour, shape and size scores."""
-        m = self.measure(images)
+        return self._scores(self.measure(images))
+
+    @torch.no_grad()
+    def _scores(self, m: dict) -> dict[str, np.ndarray]:
         found = m["pixels"] >= MIN_OBJECT_PIXELS
         out = {"background": _nearest(m["background_rgb"], BACKGROUNDS)}
         color = _nearest(np.nan_to_num(m["object_rgb"]), COLORS)
@@ -138,8 +141,9 @@ class Judge:
 
     def read(self, images) -> list[dict[str, str | None]]:
         """Hard attribute values per image; colour, shape and size are None when no object is found."""
-        s = self.scores(images)
-        found = self.measure(images)["pixels"] >= MIN_OBJECT_PIXELS
+        m = self.measure(images)  # once: scores and the object test share it
+        s = self._scores(m)
+        found = m["pixels"] >= MIN_OBJECT_PIXELS
         out = []
         for i in range(len(found)):
             row = {a: ATTRIBUTES[a][int(np.argmax(s[a][i]))] for a in ATTRIBUTES}

@@ -1,4 +1,4 @@
-"""Command line: ``dit-probe models | record | demo | train-toy | evaluate-toy``."""
+"""Command line: ``dit-probe models | record | demo | run | train-toy | evaluate-toy``."""
 
 from __future__ import annotations
 
@@ -89,6 +89,17 @@ def _cmd_demo(args):
     return 0
 
 
+def _cmd_run(args):
+    """A study from a config file and/or command-line settings (command line wins)."""
+    from .studies import probing
+
+    overrides = {"models": args.model, "colors": args.color, "objects": args.object, "seeds": args.seeds,
+                 "folds": args.folds, "num_inference_steps": args.steps, "device": args.device}
+    cfg = probing.config_from(args.config, **overrides)
+    probing.run(cfg, out=args.out or f"runs/{args.study}", figures=args.figures)
+    return 0
+
+
 def _cmd_train_toy(args):
     from .toyworld.train import TrainConfig, run
 
@@ -145,6 +156,18 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="the main job on the embedded default: the toy models (offline, CPU, seconds)")
     d.add_argument("--out", default="outputs/demo")
     d.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("run", help="run a study: tables and figures (resumes where it stopped)")
+    s.add_argument("study", choices=["probing"], help="probing: colour/object probes on attention maps (Fig. 7)")
+    s.add_argument("--config", help="YAML/JSON settings (see experiments/); command-line options override it")
+    s.add_argument("--model", action="append", help="model (repeatable); default: the toy pair")
+    s.add_argument("--color", action="append", help="colour word (repeatable)")
+    s.add_argument("--object", action="append", help="object word (repeatable)")
+    s.add_argument("--seeds", type=int, help="seeds per (colour, object)")
+    s.add_argument("--folds", type=int, help="cross-validation folds (grouped by seed)")
+    s.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    s.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    s.add_argument("--out", help="results folder (default runs/<study>)")
+    s.add_argument("--figures", help="figure folder (default <out>/figures; the README's figures: figures/)")
     t = sub.add_parser("train-toy", help="train the toy pair (resumable; about 1 h on 2 CPU cores)")
     t.add_argument("--out", default="runs/toy", help="run folder: checkpoints, loss logs, caches")
     t.add_argument("--stage", action="append", choices=["shared", "data", "mmdit", "unet", "ship"],
@@ -162,7 +185,7 @@ def main(argv=None) -> int:
     e.add_argument("--figure", default=None, help="also write a figure of held-out generations here (e.g. figures/toy-samples.png)")
     args = p.parse_args(argv)
     try:
-        return {"models": _cmd_models, "record": _cmd_record, "demo": _cmd_demo, "train-toy": _cmd_train_toy,
+        return {"models": _cmd_models, "record": _cmd_record, "demo": _cmd_demo, "run": _cmd_run, "train-toy": _cmd_train_toy,
                 "evaluate-toy": _cmd_evaluate_toy}[args.cmd](args)
     except (KeyError, ValueError, IndexError, FileNotFoundError, RuntimeError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -171,7 +171,7 @@ class AttentionMaps:
         word: a label or list of labels (int for recorded token indices); its text streams are summed
         unless ``stream`` picks one. layer: names, globs or indices. step: recorded step(s).
         branch: 'cond' / 'uncond' or None for all recorded. normalise='text': divide by the
-        query's total attention to text. grid: (h, w) to resize to (default: the largest grid).
+        query's total attention to text. grid: (h, w) to resize to (default: the largest grid; bilinear, antialiased).
         """
         self._build()
         if normalise not in (None, "text"):
@@ -199,7 +199,9 @@ class AttentionMaps:
             d = d.reshape(*d.shape[:-1], h, w)
             if (h, w) != tuple(grid):
                 lead = d.shape[:-2]
-                d = F.interpolate(d.reshape(-1, 1, h, w), size=tuple(grid), mode="bilinear", align_corners=False)
+                # antialias: a downsampled map is an area average, not a sparse sample (no effect upsampling)
+                d = F.interpolate(d.reshape(-1, 1, h, w), size=tuple(grid), mode="bilinear", align_corners=False,
+                                  antialias=True)
                 d = d.reshape(*lead, *grid)
             out.append(d)
         if len({d.shape[3] for d in out}) > 1:

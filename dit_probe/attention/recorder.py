@@ -157,7 +157,7 @@ class Recorder:
     ):
         self.adapter = get_adapter(pipe)
         self.pipe = self.adapter.pipe
-        self.words = as_list(words)
+        self.words = _word_specs(words)
         self.token_indices = [int(i) for i in as_list(tokens)]
         if not self.words and not self.token_indices:
             raise ValueError("nothing to record: give words=[...] and/or tokens=[...] (text-sequence indices)")
@@ -292,7 +292,7 @@ class Recorder:
     def _targets_for(self, g: _Generation):
         """Which text positions make each target token, per selected row (words mapped per prompt)."""
         streams = [s.name for s in self.adapter.streams(g.text_len)]
-        labels = [(w, s) for w in self.words for s in streams] + [(f"#{i}", "index") for i in self.token_indices]
+        labels = [(label, s) for label, _ in self.words for s in streams] + [(f"#{i}", "index") for i in self.token_indices]
         if not self.maps.tokens:
             self.maps.tokens = [{"label": w, "stream": s} for w, s in labels]
         elif [(d["label"], d["stream"]) for d in self.maps.tokens] != labels:
@@ -307,8 +307,18 @@ class Recorder:
                         "Pass prompt=... to record(), or record token indices with tokens=[...]"
                     )
                 n_per = max(1, g.batch // len(g.prompts))
-                prompt = g.prompts[min(item // n_per, len(g.prompts) - 1)]
-                for w in self.words:
+                index = min(item // n_per, len(g.prompts) - 1)
+                prompt = g.prompts[index]
+                for label, spec in self.words:
+                    if isinstance(spec, str):
+                        w = spec
+                    elif len(spec) != len(g.prompts):
+                        raise ValueError(
+                            f"words[{label!r}] gives {len(spec)} per-prompt words, but the pipeline was called with "
+                            f"{len(g.prompts)} prompts: give one word per prompt"
+                        )
+                    else:
+                        w = spec[index]
                     found = self.adapter.word_positions(prompt, w, g.text_len)
                     per_target += [found.get(s, []) for s in streams]
             for i in self.token_indices:
@@ -440,6 +450,21 @@ class Recorder:
         self.maps._add_generation(g, self.adapter)
 
 
+def _word_specs(words) -> list[tuple[str, str | list[str]]]:
+    """(label, word or per-prompt words) pairs. A dict gives labelled roles whose word may differ per prompt,
+    e.g. {"color": ["red", "blue"]} for the batch ["a red car", "a blue car"]."""
+    if isinstance(words, dict):
+        out = []
+        for label, spec in words.items():
+            if not isinstance(spec, str):
+                spec = [str(w) for w in spec]
+                if not spec:
+                    raise ValueError(f"words[{label!r}] is an empty list: give a word, or one word per prompt")
+            out.append((str(label), spec))
+        return out
+    return [(w, w) for w in as_list(words)]
+
+
 @contextlib.contextmanager
 def record(pipe, words=None, tokens=None, layers=None, steps=None, heads="mean", branch="cond", prompt=None, **options):
     """Record image-query -> text-key attention of ``pipe`` while the block runs.
@@ -449,7 +474,8 @@ def record(pipe, words=None, tokens=None, layers=None, steps=None, heads="mean",
     maps.word_map("red")   # (y, x), mean over layers and steps
 
     words: words or phrases of the prompt (mapped with the pipeline's tokenizers, sub-word pieces
-        summed, one entry per text stream). tokens: indices into the denoiser's text sequence.
+        summed, one entry per text stream); or a dict {label: word, or one word per prompt} to record
+        a role whose word changes across the batch ({"color": ["red", "blue"]}), stored under the label. tokens: indices into the denoiser's text sequence.
     layers: canonical names, glob patterns ('block.*.joint') or indices; default all with text keys.
     steps: step indices (negative from the end); default all. heads: 'mean' or 'keep'.
     branch: 'cond' (default), 'uncond' or 'both'. prompt: the prompt(s) when the pipeline is called

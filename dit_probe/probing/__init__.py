@@ -1,0 +1,12 @@
+"""Probing (paper section 5.1, Fig. 7): colour/object linear probes on recorded attention maps.
+
+- ``dataset``: generate the colour x object x seed grid and store the two tokens' maps (resumable);
+- ``probes``: scikit-learn probes with grouped cross-validation, leakage, shuffled control and CIs;
+- ``plots``: the Fig. 7-style bars, per-layer / per-step curves and example maps.
+The study that composes them is ``dit_probe.studies.probing`` (``dit-probe run probing``).
+"""
+
+from .dataset import ProbeDataset, ProbeGrid, ProbingInputError, build
+from .probes import ProbeDataError, ProbeSettings, probe
+
+__all__ = ["ProbeDataError", "ProbeDataset", "ProbeGrid", "ProbeSettings", "ProbingInputError", "build", "probe"]

@@ -1,0 +1,261 @@
+"""The probing study (paper section 5.1, Fig. 7): does the object word's attention map carry the colour?
+
+For each model: build the colour x object x seed dataset of colour-token and object-token maps
+(``dit_probe.probing.dataset``), then at every recorded (layer, step), at every layer pooled over
+steps, at every step pooled over layers, and pooled over both, train colour probes on colour-token
+maps and measure them on held-out colour-token maps (does the probe work?) and on the object-token
+maps of the same images (leakage); and the reverse direction (object probes on object-token maps,
+applied to colour-token maps). Output: ``probing.csv`` (one row per model, direction, layer, step,
+metric, class) and three figures.
+
+    dit-probe run probing --model toy-mmdit --model toy-unet
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..probing import dataset as ds
+from ..probing.probes import ProbeSettings, check_design, probe
+from .io import load_config, versions, write_csv, write_json
+
+_TOY_COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan"]
+_TOY_OBJECTS = ["circle", "square", "triangle", "star", "heart", "cross", "ring", "diamond"]
+DIRECTIONS = {  # direction -> (token the probe is trained on, the other token, label)
+    "color": ("color", "object", "colors"),
+    "object": ("object", "color", "objects"),
+}
+
+
+@dataclass
+class ProbingConfig:
+    """Defaults are the toy-world run (both toy models, 8 colours x 8 shapes x 8 seeds, on a CPU)."""
+
+    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
+    colors: list[str] = field(default_factory=lambda: list(_TOY_COLORS))
+    objects: list[str] = field(default_factory=lambda: list(_TOY_OBJECTS))
+    template: str = "a {color} {object}"
+    seeds: int = 8  # seeds per (colour, object); the same seeds for every colour and object
+    first_seed: int = 0
+    # sampling: None keeps the model's default (toy: 25 steps, CFG 5; real: the paper's 50 steps, CFG 7.5)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    size: int | None = None
+    layers: list[str] | None = None  # canonical layer names or globs; None: every layer with text keys
+    steps: list[int] | None = None  # recorded steps; None: every ``step_stride``-th step and the last
+    step_stride: int = 3
+    grid: list[int] | None = field(default_factory=lambda: [8, 8])  # common map grid; None: largest, <= 32
+    normalise: str = "sum"  # per map: 'sum' (a distribution over positions), 'zscore' or 'none'
+    folds: int = 5
+    C: float = 0.1  # inverse L2 strength of the logistic regressions
+    bootstrap: int = 1000
+    ci: float = 0.95
+    n_jobs: int = -1  # probe fits in parallel over (layer, step) units
+    split_words: str = "sum"  # a word the tokenizer splits: 'sum' its pieces or 'refuse'
+    store_dtype: str = "float32"
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: str | None = None  # torch dtype of the weights, e.g. 'float16' on a GPU; None: as saved
+    example_object: str | None = None  # the example-maps figure (default: the first object and seed)
+    random_state: int = 0
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ds.ProbingInputError("give at least one model (--model NAME)")
+        if self.seeds < 1:
+            raise ds.ProbingInputError(f"seeds must be >= 1, got {self.seeds}")
+        if self.step_stride < 1:
+            raise ds.ProbingInputError(f"step_stride must be >= 1, got {self.step_stride}")
+        if self.normalise not in ("sum", "zscore", "none"):
+            raise ds.ProbingInputError(f"normalise must be 'sum', 'zscore' or 'none', got {self.normalise!r}")
+        if self.example_object is not None and self.example_object not in self.objects:
+            raise ds.ProbingInputError(f"example_object {self.example_object!r} is not one of the objects {self.objects}")
+        ds.check_grid(self.grid_for(steps=None))
+        # the probes check this too, but here it fails before the generation rather than after it
+        if self.folds < 2:
+            raise ds.ProbingInputError(f"cross-validation needs folds >= 2; got folds={self.folds}")
+        if self.seeds < self.folds:
+            raise ds.ProbingInputError(
+                f"too few samples for {self.folds}-fold cross-validation grouped by seed: seeds={self.seeds}. "
+                f"Use at least {self.folds} seeds, or lower folds (minimum 2)"
+            )
+
+    def grid_for(self, steps) -> ds.ProbeGrid:
+        sampling = {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                    "height": self.size, "width": self.size}
+        return ds.ProbeGrid(
+            colors=list(self.colors), objects=list(self.objects),
+            seeds=list(range(self.first_seed, self.first_seed + self.seeds)), template=self.template,
+            sampling={k: v for k, v in sampling.items() if v is not None}, layers=self.layers, steps=steps,
+            grid=self.grid, split_words=self.split_words, store_dtype=self.store_dtype,
+        )
+
+    def probe_settings(self) -> ProbeSettings:
+        return ProbeSettings(folds=self.folds, C=self.C, bootstrap=self.bootstrap, ci=self.ci, seed=self.random_state)
+
+
+def _recorded_steps(cfg: ProbingConfig, pipe) -> list[int] | None:
+    if cfg.steps is not None:
+        return list(cfg.steps)
+    if cfg.step_stride == 1:
+        return None
+    from ..registry import sampling_settings
+
+    total = cfg.num_inference_steps or sampling_settings(pipe).get("num_inference_steps")
+    if total is None:
+        raise ds.ProbingInputError("this pipeline has no default step count: set num_inference_steps or steps")
+    return sorted(set(range(0, total, cfg.step_stride)) | {total - 1})
+
+
+def _folder_name(model: str) -> str:
+    return Path(model).name if Path(model).is_dir() else model.replace("/", "-")
+
+
+def _load(cfg: ProbingConfig, model: str):
+    import torch
+
+    from ..registry import load_pipeline
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    return load_pipeline(model, torch_dtype=dtype, device=device)
+
+
+def _annotator(model: str):
+    """The toy world's judge reads every generated image back (is the prompted colour there?)."""
+    from ..toyworld import TOY_MODELS
+
+    if model not in TOY_MODELS:
+        return None
+    from ..toyworld import Judge
+
+    judge = Judge()
+    return lambda images: judge.read(images)
+
+
+def probe_units(data: ds.ProbeDataset):
+    """(layer, step) units: each recorded pair, each layer over all steps, each step over all layers, all."""
+    units = [(lay, st) for lay in data.layers for st in data.steps]
+    units += [(lay, None) for lay in data.layers] + [(None, st) for st in data.steps] + [(None, None)]
+    return units
+
+
+def _probe_unit(data, layer, step, normalise, settings):
+    rows = []
+    for direction, (own, other, label_attr) in DIRECTIONS.items():
+        labels = getattr(data, label_attr)
+        if len(set(labels)) < 2:
+            continue  # one object: the reverse direction has nothing to classify
+        X_own = data.features(own, layer, step, normalise)
+        X_other = data.features(other, layer, step, normalise)
+        for r in probe(X_own, X_other, labels, data.seeds, settings):
+            rows.append({"direction": direction, "layer": layer or "mean", "step": "mean" if step is None else step, **r})
+    return rows
+
+
+def probe_dataset(data: ds.ProbeDataset, cfg: ProbingConfig, log=print) -> pd.DataFrame:
+    from joblib import Parallel, delayed
+
+    settings = cfg.probe_settings()
+    check_design(data.colors, data.seeds, settings.folds)
+    units = probe_units(data)
+    log(f"  probing {len(units)} (layer, step) units x {len(DIRECTIONS)} directions ({len(data)} images)")
+    results = Parallel(n_jobs=cfg.n_jobs)(
+        delayed(_probe_unit)(data, lay, st, cfg.normalise, settings) for lay, st in units
+    )
+    frame = pd.DataFrame([r for rows in results for r in rows])
+    frame.insert(0, "model", data.meta["model"])
+    frame.insert(1, "family", data.meta["family"])
+    frame["n_images"], frame["n_seeds"] = len(data), len(set(data.seeds))
+    frame["normalise"] = cfg.normalise
+    frame["step"] = frame["step"].astype(str)
+    return frame
+
+
+def _probe_signature(cfg: ProbingConfig, data: ds.ProbeDataset) -> dict:
+    keys = ("normalise", "folds", "C", "bootstrap", "ci", "random_state")
+    return {**{k: getattr(cfg, k) for k in keys}, "images": len(data),
+            "seeds": sorted({int(s) for s in data.seeds}), "objects": sorted(set(data.objects))}
+
+
+def judged(data: ds.ProbeDataset) -> dict:
+    """Share of images in which the judge reads the prompted colour / object (toy models only)."""
+    notes = data.annotations
+    if not notes or all(n is None for n in notes):
+        return {}
+    color = [bool(n) and n.get("color") == c for n, c in zip(notes, data.colors)]
+    shape = [bool(n) and n.get("shape") == o for n, o in zip(notes, data.objects)]
+    return {"judged_color_match": sum(color) / len(color), "judged_object_match": sum(shape) / len(shape)}
+
+
+def run(cfg: ProbingConfig, out="runs/probing", figures=None, log=print) -> pd.DataFrame:
+    """Run the study for every model of ``cfg``; resumes from whatever ``out`` already holds."""
+    cfg.validate()
+    out = Path(out)
+    started = time.time()
+    write_json(out / "config.json", asdict(cfg))
+    frames, summaries = [], {}
+    for model in cfg.models:
+        folder = out / _folder_name(model)
+        t0 = time.time()
+        pipe = _load(cfg, model)
+        grid = cfg.grid_for(_recorded_steps(cfg, pipe))
+        data = ds.build(pipe, model, grid, folder, annotate=_annotator(model), log=log)
+        del pipe
+        t1 = time.time()
+        sig_path, csv_path = folder / "probes.json", folder / "probes.csv"
+        signature = _probe_signature(cfg, data)
+        if csv_path.exists() and sig_path.exists() and json.loads(sig_path.read_text()) == signature:
+            log(f"  {model}: probes already computed ({csv_path})")
+            frame = pd.read_csv(csv_path, dtype={"step": str, "class": str})
+        else:
+            frame = probe_dataset(data, cfg, log)
+            write_csv(csv_path, frame)
+            write_json(sig_path, signature)
+        frames.append(frame)
+        summaries[model] = {**judged(data), "dataset_s": round(t1 - t0, 1), "probes_s": round(time.time() - t1, 1)}
+        log(summary_line(frame, summaries[model]))
+    table = pd.concat(frames, ignore_index=True)
+    write_csv(out / "probing.csv", table)
+    write_json(out / "run.json", {"versions": versions(), "models": summaries, "seconds": round(time.time() - started, 1)})
+    from ..probing import plots
+
+    fig_dir = Path(figures) if figures else out / "figures"
+    datasets = {m: ds.ProbeDataset.load(out / _folder_name(m)) for m in cfg.models}
+    paths = plots.save_all(table, datasets, fig_dir, example_object=cfg.example_object or cfg.objects[0],
+                           example_seed=cfg.first_seed)
+    log(f"table: {out / 'probing.csv'}\nfigures: " + ", ".join(str(p) for p in paths))
+    return table
+
+
+def pooled(table: pd.DataFrame, model: str, direction: str = "color") -> dict:
+    """The pooled (mean over layers and steps) metrics of one model as {metric: row}."""
+    sel = table[(table.model == model) & (table.direction == direction) & (table.layer == "mean")
+                & (table.step.astype(str) == "mean") & (table["class"] == "all")]
+    return {r.metric: r for r in sel.itertuples()}
+
+
+def summary_line(frame: pd.DataFrame, extra: dict) -> str:
+    model = frame.model.iloc[0]
+    p = pooled(frame, model)
+
+    def fmt(name):
+        r = p[name]
+        return f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] (shuffled {r.shuffled:.3f}, chance {r.chance:.3f})"
+
+    lines = [f"  {model}, maps pooled over layers and steps:",
+             f"    colour probe on colour-token maps (held-out seeds): {fmt('accuracy')}",
+             f"    same probe on object-token maps (leakage):           {fmt('leakage')}",
+             f"    one-vs-rest leakage, balanced accuracy:              {fmt('ovr_leakage_balanced')}"]
+    if extra.get("judged_color_match") is not None:
+        lines.append(f"    judge: prompted colour in {extra['judged_color_match']:.1%} of images, "
+                     f"prompted shape in {extra['judged_object_match']:.1%}")
+    return "\n".join(lines)
+
+
+def config_from(path=None, **overrides) -> ProbingConfig:
+    return load_config(ProbingConfig, path, **overrides)

@@ -340,3 +340,24 @@ def test_attention_backend_the_recorder_cannot_see(pipes):
         assert type(ad.module(site).processor) is AttnProcessor
     finally:
         ad.module(site).set_processor(original)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-unet"])
+def test_per_prompt_words_record_each_prompts_own_word(pipes, name):
+    """words={label: [word per prompt]} equals summing the token indices of each prompt's word."""
+    pipe = pipes(name)
+    ad = get_adapter(pipe)
+    words = ["blue", "giraffe"]  # 'giraffe' is split into pieces by every tiny tokenizer
+    pos = [sorted(p for ps in ad.word_positions(pr, w).values() for p in ps) for pr, w in zip(PROMPTS, words)]
+    with record(pipe, words={"thing": words}) as by_word:
+        generate(pipe, PROMPTS, steps=2)
+    with record(pipe, tokens=sorted({*pos[0], *pos[1]})) as by_index:
+        generate(pipe, PROMPTS, steps=2)
+    assert [t["label"] for t in by_word.tokens] == ["thing"] * len(by_word.tokens)
+    got = by_word.tensor("thing")[:, :, 0, :, 0, 0]  # (step, layer, batch, y, x)
+    for item, p in enumerate(pos):
+        want = by_index.tensor([f"#{i}" for i in p])[:, :, 0, item, 0].sum(dim=2)  # (step, layer, y, x)
+        torch.testing.assert_close(got[:, :, item], want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="one word per prompt"):
+        with record(pipe, words={"thing": ["blue"]}):
+            generate(pipe, PROMPTS, steps=1)

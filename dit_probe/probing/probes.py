@@ -79,6 +79,12 @@ def _fit(X, y, C, max_iter, ovr: bool):
         return model.fit(X, y)
 
 
+def _decisions(ovr, X) -> np.ndarray:
+    """(n, K) one-vs-rest decisions; with 2 classes sklearn fits one classifier, for class 1 (class 0: its negation)."""
+    d = ovr.decision_function(X)
+    return np.column_stack([d < 0, d > 0]) if d.ndim == 1 else d > 0
+
+
 def out_of_fold(X_own, X_other, labels, groups, settings: ProbeSettings, shuffled: bool = False) -> dict:
     """Out-of-fold predictions of the multiclass and one-vs-rest probes trained on ``X_own``.
 
@@ -99,8 +105,8 @@ def out_of_fold(X_own, X_other, labels, groups, settings: ProbeSettings, shuffle
         out["fold"][test] = f
         out["multi_own"][test] = multi.predict(X_own[test])
         out["multi_other"][test] = multi.predict(X_other[test])
-        out["ovr_own"][test] = ovr.decision_function(X_own[test]) > 0
-        out["ovr_other"][test] = ovr.decision_function(X_other[test]) > 0
+        out["ovr_own"][test] = _decisions(ovr, X_own[test])
+        out["ovr_other"][test] = _decisions(ovr, X_other[test])
     return out
 
 

@@ -251,6 +251,11 @@ def summary_line(frame: pd.DataFrame, extra: dict) -> str:
              f"    colour probe on colour-token maps (held-out seeds): {fmt('accuracy')}",
              f"    same probe on object-token maps (leakage):           {fmt('leakage')}",
              f"    one-vs-rest leakage, balanced accuracy:              {fmt('ovr_leakage_balanced')}"]
+    r = pooled(frame, model, "object")
+    if r:  # the reverse direction (needs two or more objects)
+        p = r
+        lines += [f"    object probe on object-token maps:                   {fmt('accuracy')}",
+                  f"    same probe on colour-token maps (reverse leakage):   {fmt('leakage')}"]
     if extra.get("judged_color_match") is not None:
         lines.append(f"    judge: prompted colour in {extra['judged_color_match']:.1%} of images, "
                      f"prompted shape in {extra['judged_object_match']:.1%}")

@@ -70,18 +70,40 @@ class TextStream:
 
 @dataclass
 class Conditioning:
-    """Encoded prompts, conditional and (for CFG) unconditional."""
+    """Encoded prompts, conditional and (for CFG) unconditional; batch-first tensors."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     neg_embeds: torch.Tensor | None = None
     neg_pooled: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # not batched (Flux: txt_ids)
+
+    _BATCHED = ("embeds", "pooled", "neg_embeds", "neg_pooled")
+
+    def map(self, fn) -> "Conditioning":
+        """Apply ``fn`` to every batched tensor (None stays None)."""
+        return Conditioning(**{k: None if getattr(self, k) is None else fn(getattr(self, k)) for k in self._BATCHED},
+                            extra=dict(self.extra))
+
+    @staticmethod
+    def cat(parts: "Sequence[Conditioning]") -> "Conditioning":
+        """Concatenate along the batch axis."""
+        first = parts[0]
+        out = {}
+        for k in Conditioning._BATCHED:
+            vals = [getattr(p, k) for p in parts]
+            out[k] = None if vals[0] is None else torch.cat(vals)
+        return Conditioning(**out, extra=dict(first.extra))
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
 
 
 class Adapter:
     family: str = ""
     denoiser_attr: str = ""
+    # whether guidance means classifier-free guidance (a negative branch); Flux-dev's is embedded instead
+    classifier_free_guidance: bool = True
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -210,12 +232,43 @@ class Adapter:
         """Denoising steps of the generation in progress (set by the pipeline before its loop)."""
         return getattr(self.pipe, "_num_timesteps", None)
 
+    # ----- images <-> latents: 4D (batch, channels, h, w) in the denoiser's convention, every family -----
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    def default_image_size(self) -> int:
+        """The pipeline's default height = width in pixels (its settings first, then its config)."""
+        settings = getattr(self.pipe, "dit_probe_settings", {})
+        if settings.get("height"):
+            return int(settings["height"])
+        size = getattr(self.pipe, "default_sample_size", None) or self.denoiser.config.sample_size
+        return int(size) * self.vae_scale_factor
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] -> model latents: the VAE posterior mean, shifted and scaled
+        as the pipeline does (SD3/Flux: ``(x - shift) * scale``; SD: ``x * scale``)."""
+        vae = self.pipe.vae
+        lat = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return (lat - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Model latents -> (B, 3, H, W) pixels in [-1, 1] (not clamped)."""
+        vae = self.pipe.vae
+        lat = z.to(vae.dtype) / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
+        return vae.decode(lat, return_dict=False)[0]
+
     # ----- model maths (overridden per family) -----
     def encode_prompt(self, prompt, negative_prompt="", do_cfg: bool = True) -> Conditioning:
         raise NotImplementedError
 
-    def set_timesteps(self, num_steps: int, strength: float = 1.0) -> torch.Tensor:
-        """The timesteps a generation (strength 1) or an img2img edit (strength < 1) denoises through."""
+    def eps(self, z, t, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
+        """The model's noise prediction at (z, t) (CFG when cond has a negative and guidance_scale > 1)."""
+        return self.to_eps(self.predict(z, t, cond, guidance_scale=guidance_scale), z, t)
+
+    def set_timesteps(self, num_steps: int, strength: float = 1.0, latents=None) -> torch.Tensor:
+        """The timesteps a generation (strength 1) or an img2img edit (strength < 1) denoises through.
+        ``latents``: the 4D latents to be denoised (Flux shifts its schedule by their size)."""
         check_strength(strength)
         self.pipe.scheduler.set_timesteps(num_steps)
         ts = self.pipe.scheduler.timesteps

@@ -29,6 +29,7 @@ class FluxAdapter(FlowMatchingMaths, Adapter):
     family = "flux"
     denoiser_attr = "transformer"
     default_max_sequence_length = 512
+    classifier_free_guidance = False  # FLUX.1-dev is guidance-distilled: guidance_scale is an input
 
     def _find_sites(self):
         sites = [
@@ -70,13 +71,15 @@ class FluxAdapter(FlowMatchingMaths, Adapter):
             cond.neg_embeds, cond.neg_pooled = ne, npp
         return cond
 
-    def set_timesteps(self, num_steps, strength=1.0, image_seq_len=None):
+    def set_timesteps(self, num_steps, strength=1.0, latents=None, image_seq_len=None):
         """As FluxPipeline: sigmas 1 -> 1/n, shifted by mu when the scheduler uses dynamic shifting."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         check_strength(strength)
         sched = self.pipe.scheduler
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if latents is not None and image_seq_len is None:
+            image_seq_len = (latents.shape[-2] // 2) * (latents.shape[-1] // 2) if latents.ndim == 4 else latents.shape[1]
         seq = image_seq_len or self.denoiser.config.get("sample_size", 64) ** 2
         mu = calculate_shift(
             seq,
@@ -93,8 +96,21 @@ class FluxAdapter(FlowMatchingMaths, Adapter):
         b, c, h, w = latents.shape
         return self.pipe._pack_latents(latents, b, c, h, w)
 
+    @staticmethod
+    def unpack(tokens, h: int, w: int):
+        """Inverse of ``pack``: (B, (h/2)(w/2), 4C) tokens -> (B, C, h, w) latents."""
+        b, _, c4 = tokens.shape
+        x = tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c4 // 4, h, w)
+
     def predict(self, z, t, cond: Conditioning, guidance_scale: float = 3.5, true_cfg_scale: float = 1.0, grid=None):
-        """v prediction for packed latents z (B, N, C*4); ``grid`` = (h, w) of the packed token grid."""
+        """v prediction. z: packed latents (B, N, C*4) with ``grid`` = (h, w) of the packed token grid, or
+        4D latents (B, C, h, w), which are packed, predicted and unpacked (the editor's convention).
+        guidance_scale is Flux's embedded guidance; true CFG needs a negative in cond and true_cfg_scale > 1."""
+        if z.ndim == 4:
+            h4, w4 = z.shape[-2:]
+            v = self.predict(self.pack(z), t, cond, guidance_scale, true_cfg_scale, grid=(h4 // 2, w4 // 2))
+            return self.unpack(v, h4, w4)
         h, w = grid
         img_ids = self.pipe._prepare_latent_image_ids(z.shape[0], h, w, z.device, z.dtype)
         guidance = (

@@ -1,0 +1,92 @@
+"""Edit directions: what Identify finds and Manipulate applies (paper section 3.1).
+
+An ``EditDirection`` holds, per edited image, a text-side direction n_c = z_c1 - z_c0 (sequence and
+pooled embeddings; DESIGN section 5) and/or an image-side direction n_zt in the noised latent at
+the editing timestep (HSDS, SDS, DDS or a reference image). Manipulate uses
+``z~_c = z_c0 + alpha * n_c`` and ``z~_t = z_t + alpha * n_zt``. Directions save to one safetensors
+file with their metadata, so studies can reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapters import Conditioning
+
+
+@dataclass
+class EditDirection:
+    text_embeds: torch.Tensor | None = None  # (B, L, D): z_c1 - z_c0 of the sequence embedding
+    text_pooled: torch.Tensor | None = None  # (B, P): the same for the pooled embedding (SD3, Flux)
+    image: torch.Tensor | None = None  # (B, C, h, w): n_zt in the model's latent convention
+    meta: dict = field(default_factory=dict)  # mode, prompts, phrases, strength, timestep, settings, ...
+
+    def __len__(self) -> int:
+        for x in (self.text_embeds, self.image):
+            if x is not None:
+                return x.shape[0]
+        return 0
+
+    @property
+    def sides(self) -> list[str]:
+        return [name for name, x in (("text", self.text_embeds), ("image", self.image)) if x is not None]
+
+    def apply_text(self, base: Conditioning, alphas: torch.Tensor) -> Conditioning:
+        """``base`` (B rows) -> B*A rows, row b*A + a holding z_c0[b] + alphas[a] * n_c[b]."""
+        a = len(alphas)
+        out = base.map(lambda x: x.repeat_interleave(a, dim=0))
+        if self.text_embeds is None:
+            return out
+        scale = alphas.repeat(len(base)).to(out.embeds.dtype)
+        out.embeds = out.embeds + scale.view(-1, 1, 1) * self.text_embeds.repeat_interleave(a, dim=0).to(out.embeds)
+        if self.text_pooled is not None and out.pooled is not None:
+            out.pooled = out.pooled + scale.view(-1, 1) * self.text_pooled.repeat_interleave(a, dim=0).to(out.pooled)
+        return out
+
+    def apply_image(self, zt: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+        """``zt`` (B, ...) -> (B*A, ...) rows z_t[b] + alphas[a] * n_zt[b]."""
+        a = len(alphas)
+        out = zt.repeat_interleave(a, dim=0)
+        if self.image is None:
+            return out
+        scale = alphas.repeat(len(zt)).to(zt.dtype).view(-1, *([1] * (zt.ndim - 1)))
+        return out + scale * self.image.repeat_interleave(a, dim=0).to(zt)
+
+    def save(self, path) -> Path:
+        from safetensors.torch import save_file
+
+        from ..studies.io import atomic_write
+
+        path = Path(path)
+        tensors = {k: getattr(self, k).contiguous().cpu() for k in ("text_embeds", "text_pooled", "image")
+                   if getattr(self, k) is not None}
+        if not tensors:
+            raise ValueError("an empty direction (no text and no image side) cannot be saved")
+        meta = {"dit_probe_direction": json.dumps(self.meta, default=str)}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path) -> "EditDirection":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no saved direction at {path}")
+        with safe_open(str(path), "pt") as f:
+            info = f.metadata() or {}
+            if "dit_probe_direction" not in info:
+                raise ValueError(f"{path} is a safetensors file but not a saved EditDirection")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(**tensors, meta=json.loads(info["dit_probe_direction"]))
+
+
+def text_direction(source: Conditioning, target: Conditioning) -> EditDirection:
+    """n_c = z_c1 - z_c0 for the sequence and the pooled embeddings."""
+    pooled = None
+    if source.pooled is not None and target.pooled is not None:
+        pooled = target.pooled - source.pooled
+    return EditDirection(text_embeds=target.embeds - source.embeds, text_pooled=pooled)

@@ -182,17 +182,22 @@ def summarise(edits: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
 
 def markdown_table(summary: pd.DataFrame) -> str:
     """Success and preservation at alpha = 1, the score slope, and bidirectional return, per model and mode."""
-    lines = ["| model | mode | attribute | target score α=0 → 1 | success α=1 | others preserved α=1 | "
-             "background PSNR α=1 (dB) | returned (+1 then −1) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | mode | attribute | target score α=0 → 1 | success α=1 | others preserved α=0 → 1 | "
+             "background PSNR α=0 → 1 (dB) | returned (+1 then −1) |", "|---|---|---|---|---|---|---|---|"]
     for (model, mode, attr), g in summary.groupby(["model", "mode", "attribute"], sort=False):
         a0, a1 = g[g.alpha == 0.0], g[g.alpha == 1.0]
         if a1.empty:
             continue
         r = a1.iloc[0]
-        start = f"{a0.iloc[0].target_score:.2f}" if not a0.empty else "–"
-        ret = f"{r.returned:.0%}" if "returned" in r and pd.notna(r.get("returned")) else "–"
-        lines.append(f"| {model} | {mode} | {attr} | {start} → {r.target_score:.2f} | {r.success:.0%} "
-                     f"[{r.success_lo:.0%}, {r.success_hi:.0%}] | {r.preserved:.0%} | {r.background_psnr:.1f} | {ret} |")
+        z = a0.iloc[0] if not a0.empty else None
+
+        def change(key, fmt):  # "value at alpha 0 -> value at alpha 1"
+            return (fmt.format(z[key]) + " → " if z is not None else "") + fmt.format(r[key])
+
+        ret = f"{r.returned:.0%}" if pd.notna(r.get("returned")) else "–"
+        lines.append(f"| {model} | {mode} | {attr} | {change('target_score', '{:.2f}')} | "
+                     f"{r.success:.0%} [{r.success_lo:.0%}, {r.success_hi:.0%}] | {change('preserved', '{:.0%}')} | "
+                     f"{change('background_psnr', '{:.1f}')} | {ret} |")
     return "\n".join(lines) + "\n"
 
 

@@ -75,9 +75,12 @@ def main():
         pipe = load_pipeline(model)
         denoiser = get_adapter(pipe).denoiser
         count = {"rows": 0}
-        hook = denoiser.register_forward_pre_hook(
-            lambda m, a, kw: count.__setitem__("rows", count["rows"] + (kw.get("hidden_states", kw.get("sample", a[0] if a else None))).shape[0]),
-            with_kwargs=True)
+
+        def on_call(module, args, kwargs, count=count):
+            x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+            count["rows"] += x.shape[0]
+
+        hook = denoiser.register_forward_pre_hook(on_call, with_kwargs=True)
         cases = _cases(pipe)
         rows, times = {}, {name: [] for name in cases}
         with torch.no_grad():

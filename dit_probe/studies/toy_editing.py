@@ -190,10 +190,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
             continue
         r = a1.iloc[0]
         z = a0.iloc[0] if not a0.empty else None
-
-        def change(key, fmt):  # "value at alpha 0 -> value at alpha 1"
-            return (fmt.format(z[key]) + " → " if z is not None else "") + fmt.format(r[key])
-
+        change = lambda key, fmt, z=z, r=r: (fmt.format(z[key]) + " → " if z is not None else "") + fmt.format(r[key])  # noqa: E731
         ret = f"{r.returned:.0%}" if pd.notna(r.get("returned")) else "–"
         lines.append(f"| {model} | {mode} | {attr} | {change('target_score', '{:.2f}')} | "
                      f"{r.success:.0%} [{r.success_lo:.0%}, {r.success_hi:.0%}] | {change('preserved', '{:.0%}')} | "

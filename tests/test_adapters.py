@@ -140,3 +140,17 @@ def test_adapter_loop_reproduces_the_pipeline(pipes, name):
         for t in ad.set_timesteps(steps):
             z = ad.step(ad.predict(z, t, cond, guidance_scale=4.0), t, z)
     assert torch.allclose(z, ref, atol=1e-5), (z - ref).abs().max()
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-unet"])
+@pytest.mark.parametrize("steps,strength", [(25, 0.75), (50, 0.75), (10, 0.33), (7, 1.0)])
+def test_edit_timesteps_match_the_diffusers_img2img_pipeline(pipes, name, steps, strength):
+    import diffusers
+
+    pipe = pipes(name)
+    ad = get_adapter(pipe)
+    ours = ad.set_timesteps(steps, strength, latents=torch.zeros(1, 4, 16, 16))
+    i2i = getattr(diffusers, type(pipe).__name__.replace("Pipeline", "Img2ImgPipeline"))(**pipe.components)
+    ad.set_timesteps(steps, 1.0, latents=torch.zeros(1, 4, 16, 16))  # the scheduler as the pipeline sets it
+    theirs, n = i2i.get_timesteps(steps, strength, "cpu")
+    assert torch.equal(ours, theirs) and len(ours) == n

@@ -271,9 +271,13 @@ class Adapter:
         ``latents``: the 4D latents to be denoised (Flux shifts its schedule by their size)."""
         check_strength(strength)
         self.pipe.scheduler.set_timesteps(num_steps)
-        ts = self.pipe.scheduler.timesteps
-        init = min(int(num_steps * strength), num_steps)
-        return ts[num_steps - init :]
+        return self.pipe.scheduler.timesteps[self.first_step(num_steps, strength):]
+
+    @staticmethod
+    def first_step(num_steps: int, strength: float) -> int:
+        """Index of the first denoising step at ``strength``, as the family's diffusers Img2Img pipeline
+        computes it (SD: n - int(n s))."""
+        return num_steps - min(int(num_steps * strength), num_steps)
 
 
 def check_strength(strength: float) -> None:

@@ -89,8 +89,7 @@ class FluxAdapter(FlowMatchingMaths, Adapter):
             sched.config.get("max_shift", 1.15),
         )
         sched.set_timesteps(sigmas=sigmas, mu=mu)
-        init = min(int(num_steps * strength), num_steps)
-        return sched.timesteps[num_steps - init :]
+        return sched.timesteps[self.first_step(num_steps, strength):]
 
     def pack(self, latents):
         b, c, h, w = latents.shape

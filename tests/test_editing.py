@@ -75,7 +75,7 @@ def test_hsds_follows_equation_1_on_a_linear_model():
 
     z = torch.randn(2, 1, 2, 2)
     ct, cs = Conditioning(torch.tensor([[1.0], [2.0]])), Conditioning(torch.tensor([[0.5], [0.0]]))
-    s = DistillSettings(iterations=1, eta_start=0.1, lam=0.5)
+    s = DistillSettings(iterations=1, eta_start=0.1, lam=0.5, sign="ascent")
     g = 2 * (eps(z, ct) - eps(z, cs)) + 0.5 * 2 * (eps(z, ct) - eps(z, ct))  # z' = z_t at the first step
     torch.testing.assert_close(hsds(eps, z, ct, cs, s), 0.1 * g)
     s.sign = "descent"
@@ -166,7 +166,10 @@ def test_forward_pass_count_matches_the_schedule(pipes):
     enc = ed.encode(_image(32), SOURCE, 0)
     ed.forward_passes = 0
     ed.identify(enc, TARGET, "eim")
-    assert ed.forward_passes == (1 + 2 * 3) * 1  # cfg off inside eps: the conditional rows only
+    assert ed.forward_passes == (1 + 2 * 3) * 2  # anchor + 2 per iteration, CFG inside eps (uncond, cond)
+    ed.distill.cfg, ed.forward_passes = False, 0
+    ed.identify(enc, TARGET, "eim")
+    assert ed.forward_passes == 1 + 2 * 3  # the conditional rows only
     ed.forward_passes = 0
     ed.manipulate(enc, EditDirection(), [0.0, 1.0])
     steps = len(get_adapter(ed.pipe).set_timesteps(4, 0.75))

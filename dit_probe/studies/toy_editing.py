@@ -180,6 +180,11 @@ def summarise(edits: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _change(at0, at1, key, fmt) -> str:
+    """'value at alpha 0 -> value at alpha 1' (only the latter when alpha 0 was not run)."""
+    return (fmt.format(at0[key]) + " → " if at0 is not None else "") + fmt.format(at1[key])
+
+
 def markdown_table(summary: pd.DataFrame) -> str:
     """Success and preservation at alpha = 1, the score slope, and bidirectional return, per model and mode."""
     lines = ["| model | mode | attribute | target score α=0 → 1 | success α=1 | others preserved α=0 → 1 | "
@@ -190,11 +195,10 @@ def markdown_table(summary: pd.DataFrame) -> str:
             continue
         r = a1.iloc[0]
         z = a0.iloc[0] if not a0.empty else None
-        change = lambda key, fmt, z=z, r=r: (fmt.format(z[key]) + " → " if z is not None else "") + fmt.format(r[key])  # noqa: E731
         ret = f"{r.returned:.0%}" if pd.notna(r.get("returned")) else "–"
-        lines.append(f"| {model} | {mode} | {attr} | {change('target_score', '{:.2f}')} | "
-                     f"{r.success:.0%} [{r.success_lo:.0%}, {r.success_hi:.0%}] | {change('preserved', '{:.0%}')} | "
-                     f"{change('background_psnr', '{:.1f}')} | {ret} |")
+        lines.append(f"| {model} | {mode} | {attr} | {_change(z, r, 'target_score', '{:.2f}')} | "
+                     f"{r.success:.0%} [{r.success_lo:.0%}, {r.success_hi:.0%}] | {_change(z, r, 'preserved', '{:.0%}')} | "
+                     f"{_change(z, r, 'background_psnr', '{:.1f}')} | {ret} |")
     return "\n".join(lines) + "\n"
 
 

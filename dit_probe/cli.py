@@ -221,11 +221,11 @@ def main(argv=None) -> int:
     s.add_argument("--n", type=int, help="toy-edits: edits per attribute")
     s.add_argument("--out", help="results folder (default runs/<study>)")
     s.add_argument("--figures", help="figure folder (default <out>/figures; the README's figures: figures/)")
-    t = sub.add_parser("train-toy", help="train the toy pair (resumable; about 1 h on 2 CPU cores)")
+    t = sub.add_parser("train-toy", help="train the toy pair (resumable; several hours on 2 CPU cores)")
     t.add_argument("--out", default="runs/toy", help="run folder: checkpoints, loss logs, caches")
     t.add_argument("--stage", action="append", choices=["shared", "data", "mmdit", "unet", "ship"],
                    help="run only these stages (repeatable); default all, each skipped when already done")
-    t.add_argument("--steps", type=int, default=10_000, help="denoiser training steps (both models)")
+    t.add_argument("--steps", type=int, default=22_000, help="denoiser training steps (both models; the shipped pair: 22,000)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     t.add_argument("--ship-to", default=None, help="folder for the finished pipelines (default: inside the package)")

@@ -17,9 +17,9 @@ REQUIRED = 0.90  # the quality bar per attribute
 # Small-sample bar for img2img, where the models meet REQUIRED on 240 (model cards): 80% on 32
 # leaves room for sampling noise only.
 RECON_BAR = 0.80
-# Shape of generations from scratch does not reach REQUIRED at the shipped training lengths (model
-# cards, 240 generations: shape 0.892 toy-mmdit, 0.817 toy-unet; size 0.950 and 0.912). The
-# requirement stays asserted below as an expected failure; this guard only catches regressions.
+# toy-mmdit's shape from scratch is just under REQUIRED at the shipped training length (model cards,
+# 240 generations: shape 0.892 toy-mmdit, 1.000 toy-unet; size 0.950 and 0.979). Its requirement stays
+# asserted below as an expected failure; this guard only catches regressions.
 REGRESSION_GUARD = 0.70
 
 
@@ -72,9 +72,11 @@ def test_generations_shape_and_size_regression_guard(generation_rates, name):
     assert rates["shape"] >= REGRESSION_GUARD and rates["size"] >= REGRESSION_GUARD, rates
 
 
-@pytest.mark.xfail(reason="known short of the bar: shape below 90% at the shipped training lengths "
-                   "(0.892 toy-mmdit, 0.817 toy-unet on 240; see the model cards)", strict=False)
-@pytest.mark.parametrize("name", TOY)
+@pytest.mark.parametrize("name", [
+    pytest.param("toy-mmdit", marks=pytest.mark.xfail(
+        reason="known short of the bar: shape 0.892 on 240 at 22,000 steps (see its model card)", strict=False)),
+    "toy-unet",
+])
 def test_generations_shape_and_size_reach_the_required_bar(generation_rates, name):
     rates = generation_rates[name]
     assert rates["shape"] >= REQUIRED and rates["size"] >= REQUIRED, rates

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .io import load_config, versions, write_csv, write_json
+from .stats import mean_ci
 
 EDITABLE = ("color", "size", "shape")
 
@@ -105,7 +106,7 @@ def background_mask(source, target) -> np.ndarray:
 
 def _judge_rows(judge, images, pairs, attribute, alphas, sources_rgb, masks):
     """One row per (edit, alpha)."""
-    from ..metrics import psnr
+    from ..metrics import psnr, ssim
     from ..toyworld import ATTRIBUTES
 
     n, a = images.shape[:2]
@@ -115,7 +116,8 @@ def _judge_rows(judge, images, pairs, attribute, alphas, sources_rgb, masks):
     rows = []
     for i, (src, tgt) in enumerate(pairs):
         value = getattr(tgt, attribute)
-        p = psnr(np.repeat(sources_rgb[i][None], a, 0), images[i], np.repeat(masks[i][None], a, 0))
+        ref, mask = np.repeat(sources_rgb[i][None], a, 0), np.repeat(masks[i][None], a, 0)
+        p, q = psnr(ref, images[i], mask), ssim(ref, images[i], mask)
         for k, alpha in enumerate(alphas):
             r = reads[i * a + k]
             others = [x for x in ATTRIBUTES if x != attribute]
@@ -125,23 +127,45 @@ def _judge_rows(judge, images, pairs, attribute, alphas, sources_rgb, masks):
                 "read": r[attribute], "success": r[attribute] == value,
                 "preserved": all(r[x] == getattr(src, x) for x in others),
                 **{f"kept_{x}": r[x] == getattr(src, x) for x in others},
-                "background_psnr": float(p[k]),
+                **{f"read_{x}": r[x] for x in ATTRIBUTES},
+                "background_psnr": float(p[k]), "background_ssim": float(q[k]),
             })
     return rows
 
 
-def run_unit(editor, judge, attribute: str, mode: str, cfg: ToyEditConfig) -> pd.DataFrame:
-    """All edits of one attribute in one mode with one model."""
+@dataclass
+class EditBatch:
+    """One attribute's edits in one mode: the pairs, their renders and masks, Encode's and Identify's
+    outputs, and the edited images (edits, alphas, H, W, 3)."""
+
+    pairs: list
+    sources: np.ndarray
+    masks: np.ndarray
+    seeds: list[int]
+    enc: object
+    direction: object
+    images: np.ndarray
+
+
+def edit_batch(editor, attribute: str, mode: str, n: int, seed: int, alphas) -> EditBatch:
+    """Encode, Identify and Manipulate for ``n`` toy edits of ``attribute`` at every alpha (one batch)."""
     from ..toyworld import render_many
 
-    pairs = edit_set(attribute, cfg.n, cfg.seed)
+    pairs = edit_set(attribute, n, seed)
     sources = render_many([s for s, _ in pairs])
     masks = np.stack([background_mask(s, t) for s, t in pairs])
-    seeds = [cfg.seed * 100_000 + i for i in range(len(pairs))]
+    seeds = [seed * 100_000 + i for i in range(len(pairs))]
     enc = editor.encode(sources, [s.caption() for s, _ in pairs], seeds)
     direction = editor.identify(enc, [t.caption() for _, t in pairs], mode, [phrase_for(t, attribute) for _, t in pairs])
-    images = editor.manipulate(enc, direction, cfg.alphas)
-    rows = _judge_rows(judge, images, pairs, attribute, cfg.alphas, sources, masks)
+    return EditBatch(pairs, sources, masks, seeds, enc, direction, editor.manipulate(enc, direction, alphas))
+
+
+def run_unit(editor, judge, attribute: str, mode: str, cfg: ToyEditConfig) -> pd.DataFrame:
+    """All edits of one attribute in one mode with one model."""
+    b = edit_batch(editor, attribute, mode, cfg.n, cfg.seed, cfg.alphas)
+    pairs, seeds, images = b.pairs, b.seeds, b.images
+    rows = _judge_rows(judge, images, pairs, attribute, cfg.alphas, b.sources, b.masks)
+    direction = b.direction
     frame = pd.DataFrame(rows)
     if cfg.bidirectional and mode == "eim":
         k = [float(a) for a in cfg.alphas].index(1.0)
@@ -155,27 +179,17 @@ def run_unit(editor, judge, attribute: str, mode: str, cfg: ToyEditConfig) -> pd
     return frame
 
 
-def _ci(values, n_boot, rng):
-    v = np.asarray(values, float)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return np.nan, np.nan, np.nan
-    idx = rng.integers(0, len(v), (n_boot, len(v)))
-    lo, hi = np.percentile(v[idx].mean(1), [2.5, 97.5])
-    return float(v.mean()), float(lo), float(hi)
-
-
 def summarise(edits: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     """Means with 95% bootstrap CIs over edits, per model, mode, attribute and alpha."""
     rng = np.random.default_rng(0)
     rows = []
-    measures = ["target_score", "success", "preserved", "background_psnr"] + (["returned"] if "returned" in edits else [])
+    measures = ["target_score", "success", "preserved", "background_psnr", "background_ssim"] + (["returned"] if "returned" in edits else [])
     for key, g in edits.groupby(["model", "mode", "attribute", "alpha"], sort=False):
         row = dict(zip(["model", "mode", "attribute", "alpha"], key), n=len(g))
         for m in measures:
             if m == "returned" and g[m].isna().all():
                 continue
-            row[m], row[m + "_lo"], row[m + "_hi"] = _ci(g[m].astype(float), n_boot, rng)
+            row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -266,3 +266,19 @@ def tiny_pipeline(name: str):
     if name not in TINY:
         raise KeyError(f"unknown tiny pipeline {name!r}; known: {', '.join(TINY)}")
     return TINY[name]()
+
+
+def tiny_clip(seed: int = 0, image_size: int = 32):
+    """A randomly initialised CLIPModel with its tokenizer and image processor, built offline: the
+    CLIP judge's and CLIPScore's code paths run on it in tests (its scores mean nothing)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer()
+    text = _clip_config(tokenizer, hidden=32, projection=16)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                              image_size=image_size, patch_size=8, projection_dim=16, hidden_act="gelu")
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    return model, tokenizer, processor

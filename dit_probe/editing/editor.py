@@ -270,6 +270,21 @@ class EIMEditor:
         images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return images.reshape(len(enc), len(a), *images.shape[1:])
 
+    # ----- plain reconstruction: h(f(x, t), c, t) -----
+    @torch.no_grad()
+    def reconstruct(self, enc: Encoded, prompts=None) -> np.ndarray:
+        """Denoise the encoded latents from the editing strength under ``prompts`` (default: the source
+        prompts) and decode: uint8 (B, H, W, 3). The noised latent is the one ``encode`` made, so two calls
+        with different prompts share the forward noise (the semantic-loss sweep and SDE rely on it)."""
+        if prompts is not None:
+            prompts = list(ensure_prompts(prompts))
+            prompts = prompts * len(enc) if len(prompts) == 1 else prompts
+            if len(prompts) != len(enc):
+                raise EditInputError(f"{len(enc)} encoded images but {len(prompts)} prompts")
+            enc = Encoded(enc.z0, enc.zt, enc.noise, enc.t, enc.timesteps, prompts, self._encode_prompts(prompts),
+                          enc.seeds)
+        return self.manipulate(enc, EditDirection(), [0.0])[:, 0]
+
     # ----- all three -----
     def edit(self, images, source, target=None, alphas=(0.0, 0.5, 1.0, 1.5), mode: str = "eim", seed=0,
              phrase=None, reference=None) -> EditResult:

@@ -1,5 +1,5 @@
-"""Image metrics (paper Table 2). Issue 7 extends this with SSIM, LPIPS and CLIPScore."""
+"""Image metrics (paper Table 2) and the SDE disentanglement metric (paper Eq. 2)."""
 
-from .image import psnr
+from .image import psnr, ssim
 
-__all__ = ["psnr"]
+__all__ = ["psnr", "ssim"]

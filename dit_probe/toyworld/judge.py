@@ -92,6 +92,18 @@ class Judge:
 
             self.shape_net.load_state_dict(load_file(str(weights)))
 
+    @property
+    def attributes(self) -> dict[str, tuple[str, ...]]:
+        """The attributes this judge reads and their values (the same interface as ``ClipJudge``)."""
+        return dict(ATTRIBUTES)
+
+    def check(self, attribute: str, value: str | None = None) -> None:
+        """A clear error for an attribute or value the judge does not know."""
+        if attribute not in ATTRIBUTES:
+            raise KeyError(f"the toy judge knows the attributes {', '.join(ATTRIBUTES)}, not {attribute!r}")
+        if value is not None and value not in ATTRIBUTES[attribute]:
+            raise KeyError(f"unknown {attribute} {value!r}; known: {', '.join(ATTRIBUTES[attribute])}")
+
     # ----- pixel measurements -----
     @staticmethod
     def measure(images) -> dict[str, np.ndarray]:
@@ -132,12 +144,8 @@ class Judge:
 
     def score(self, images, attribute: str, value: str) -> np.ndarray:
         """Probability that each image shows ``value`` for ``attribute`` (N,)."""
-        if attribute not in ATTRIBUTES:
-            raise KeyError(f"the toy judge knows the attributes {', '.join(ATTRIBUTES)}, not {attribute!r}")
-        values = ATTRIBUTES[attribute]
-        if value not in values:
-            raise KeyError(f"unknown {attribute} {value!r}; known: {', '.join(values)}")
-        return self.scores(images)[attribute][:, values.index(value)]
+        self.check(attribute, value)
+        return self.scores(images)[attribute][:, ATTRIBUTES[attribute].index(value)]
 
     def read(self, images) -> list[dict[str, str | None]]:
         """Hard attribute values per image; colour, shape and size are None when no object is found."""

@@ -1,0 +1,272 @@
+"""Semantic-loss sweep (paper section 5.4, Fig. 13): which attributes survive forward noising when the
+prompt does not name them?
+
+For every image with known attributes and every forward strength s, the image is encoded, noised to s
+with a fixed noise sample per (image, seed), and denoised three ways from the same noised latent:
+with the full description, with the description minus one attribute (one variant per attribute), and
+with the empty prompt. The judge reads every result. ``retained`` = the judge reads the image's own
+value of the attribute. Retention of an attribute is measured where its word is absent (omit, empty)
+and, as a control, where it is present (full).
+
+Results: ``retention.csv`` (one row per image, seed, prompt, attribute and strength), ``summary.csv``
+(retention per model, prompt, attribute and strength with a 95% bootstrap CI over images, the
+strength's timestep and log-SNR, and chance), ``table.md`` and two figures: curves vs strength and
+vs log-SNR, and an image grid. Each (model, strength) unit is written atomically and skipped when
+present, so an interrupted run resumes.
+
+    dit-probe run semantic-loss
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .io import atomic_write, load_config, versions, write_csv, write_json
+from .stats import mean_ci
+
+PROMPTS = ("full", "omit", "empty")
+
+
+@dataclass
+class SemanticLossConfig:
+    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
+    source: str = "toy"  # toy | celeba
+    celeba: str | None = None  # the CelebA folder (source celeba)
+    clip: str | None = None  # the CLIP judge's model for real images (hub id or folder)
+    attributes: list[str] = field(default_factory=lambda: ["color", "shape", "size", "background"])
+    strengths: list[float] = field(default_factory=lambda: [0.15, 0.35, 0.55, 0.75, 0.95])
+    prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
+    n: int = 32  # images
+    seeds: int = 2  # noise samples per image
+    seed: int = 0
+    num_inference_steps: int | None = None  # None: the model's default
+    guidance_scale: float | None = None
+    batch_size: int | None = None
+    bootstrap: int = 1000
+    examples: int = 1  # images shown in the grid figure, per model
+
+    def validate(self, source=None):
+        from ..adapters.base import check_strength
+
+        if not self.strengths:
+            raise ValueError("give at least one strength")
+        for s in self.strengths:
+            try:
+                check_strength(s)
+            except ValueError:
+                raise ValueError(f"strength {s!r} is outside (0, 1]: a forward strength is the fraction of the "
+                                 "noise schedule, e.g. 0.15 (a little noise) to 1.0 (pure noise)") from None
+        bad = [p for p in self.prompts if p not in PROMPTS]
+        if bad:
+            raise ValueError(f"unknown prompt kind(s) {bad}; choose from {list(PROMPTS)}")
+        if self.n < 2 or self.seeds < 1:
+            raise ValueError(f"need n >= 2 images and seeds >= 1, got n={self.n}, seeds={self.seeds}")
+        if source is not None:
+            for a in self.attributes:
+                source.check(a)
+
+
+def run_unit(editor, source, items, cfg: SemanticLossConfig) -> tuple[pd.DataFrame, dict]:
+    """All images, seeds and prompt variants at the editor's strength. Returns the rows and example images."""
+    n = len(items)
+    images = np.repeat(items.images, cfg.seeds, axis=0)
+    labels = [lab for lab in items.labels for _ in range(cfg.seeds)]
+    seeds = [cfg.seed * 1_000_003 + i * 101 + j for i in range(n) for j in range(cfg.seeds)]
+    full = [source.caption(lab) for lab in labels]
+    enc = editor.encode(images, full, seeds)  # one noised latent per (image, seed), shared by every prompt
+    variants = []  # (prompt kind, omitted attribute, prompts, attributes measured)
+    if "full" in cfg.prompts:
+        variants.append(("full", "", full, cfg.attributes))
+    if "omit" in cfg.prompts:
+        variants += [("omit", a, [source.caption(lab, drop=(a,)) for lab in labels], [a]) for a in cfg.attributes]
+    if "empty" in cfg.prompts:
+        variants.append(("empty", "", [""] * len(labels), cfg.attributes))
+    t = float(enc.t)
+    log_snr = float(editor.adapter.log_snr(enc.t))
+    rows, examples = [], {"source": items.images[:cfg.examples]}
+    judge = source.judge
+    for kind, omitted, prompts, measured in variants:
+        out = editor.reconstruct(enc, prompts)
+        reads = judge.read(out)
+        scores = judge.scores(out)
+        examples[f"no-{omitted}" if omitted else kind] = out[: cfg.examples * cfg.seeds: cfg.seeds]
+        for k, (lab, read) in enumerate(zip(labels, reads)):
+            for a in measured:
+                values = list(judge.attributes[a])
+                rows.append({"image": k // cfg.seeds, "noise": k % cfg.seeds, "prompt": kind, "omitted": omitted,
+                             "attribute": a, "value": lab[a], "read": read[a], "retained": read[a] == lab[a],
+                             "score": float(scores[a][k, values.index(lab[a])])})
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "log_snr", log_snr)
+    frame.insert(0, "timestep", t)
+    frame.insert(0, "strength", editor.strength)
+    return frame, examples
+
+
+def summarise(rows: pd.DataFrame, values: dict, n_boot: int = 1000) -> pd.DataFrame:
+    """Retention per model, prompt, attribute and strength: mean over images (each image's seeds averaged
+    first, so the CI is over images), with chance = 1 / number of values."""
+    rng = np.random.default_rng(0)
+    keys = ["model", "prompt", "attribute", "strength"]
+    out = []
+    for key, g in rows.groupby(keys, sort=False):
+        per_image = g.groupby("image").retained.mean()
+        m, lo, hi = mean_ci(per_image.values, n_boot, rng)
+        out.append({**dict(zip(keys, key)), "timestep": g.timestep.iloc[0], "log_snr": g.log_snr.iloc[0],
+                    "retention": m, "retention_lo": lo, "retention_hi": hi, "images": len(per_image),
+                    "samples": len(g), "chance": 1.0 / len(values[key[2]])})
+    return pd.DataFrame(out).sort_values(keys).reset_index(drop=True)
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    """Retention of each attribute when its word is omitted, per model and strength (full prompt in brackets)."""
+    strengths = sorted(summary.strength.unique())
+    lines = ["| model | attribute | " + " | ".join(f"s={s:g}" for s in strengths) + " | chance |",
+             "|---|---|" + "---|" * (len(strengths) + 1)]
+    for (model, attr), g in summary.groupby(["model", "attribute"], sort=False):
+        cells = []
+        for s in strengths:
+            om = g[(g.prompt == "omit") & (g.strength == s)]
+            fu = g[(g.prompt == "full") & (g.strength == s)]
+            cell = f"{om.retention.iloc[0]:.0%}" if len(om) else "–"
+            if len(fu):
+                cell += f" ({fu.retention.iloc[0]:.0%})"
+            cells.append(cell)
+        lines.append(f"| {model} | {attr} | " + " | ".join(cells) + f" | {g.chance.iloc[0]:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(summary: pd.DataFrame):
+    """Fig. 13-style curves: retention vs strength and vs log-SNR; omit solid, full dashed, empty dotted."""
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(summary.model))
+    attrs = list(dict.fromkeys(summary.attribute))
+    colours = dict(zip(attrs, plt.cm.tab10.colors))
+    styles = {"omit": "-", "full": "--", "empty": ":"}
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.4 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, x in enumerate(["strength", "log_snr"]):
+            ax = axes[i, j]
+            for (prompt, attr), g in summary[summary.model == model].groupby(["prompt", "attribute"], sort=False):
+                g = g.sort_values("strength")
+                ax.plot(g[x], g.retention, styles[prompt], color=colours[attr], marker="o", ms=3,
+                        label=f"{attr} ({prompt})")
+                if prompt == "omit":
+                    ax.fill_between(g[x], g.retention_lo, g.retention_hi, color=colours[attr], alpha=0.15)
+            for attr in attrs:
+                ax.axhline(summary[summary.attribute == attr].chance.iloc[0], color=colours[attr], lw=0.6, alpha=0.5)
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("forward strength" if x == "strength" else "log-SNR at that strength")
+            if x == "log_snr":
+                ax.invert_xaxis()  # more noise to the right in both panels
+            ax.set_ylabel("retention")
+            ax.set_title(f"{model}: attribute kept after noising and denoising", fontsize=9)
+    axes[0, 1].legend(fontsize=6, ncol=2, loc="lower left")
+    fig.suptitle("Semantic loss: solid = attribute word omitted (95% CI), dashed = full prompt, dotted = empty "
+                 "prompt; thin lines = chance", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_grid(examples: dict, strengths: list[float]):
+    """Per model: rows = strengths, columns = source, full, each omit variant, empty (first example image)."""
+    import matplotlib.pyplot as plt
+
+    models = list(examples)
+    cols = list(examples[models[0]][strengths[0]])
+    fig, axes = plt.subplots(len(models) * len(strengths), len(cols),
+                             figsize=(1.2 * len(cols), 1.25 * len(models) * len(strengths)), squeeze=False)
+    for m, model in enumerate(models):
+        for r, s in enumerate(strengths):
+            row = m * len(strengths) + r
+            for c, col in enumerate(cols):
+                ax = axes[row, c]
+                ax.imshow(examples[model][s][col][0], interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(col.replace("no-", "no "), fontsize=7)
+                if c == 0:
+                    ax.set_ylabel(f"{model}\ns={s:g}", fontsize=6)
+    fig.tight_layout(pad=0.2)
+    return fig
+
+
+def _save_examples(path, examples):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **examples)
+
+    atomic_write(path, write)
+
+
+def run(cfg: SemanticLossConfig, out="runs/semantic-loss", figures=None, log=print) -> pd.DataFrame:
+    from ..editing import EIMEditor
+    from ..registry import load_pipeline
+    from .sources import make_source
+
+    cfg.validate()
+    source = make_source(cfg.source, cfg.celeba, cfg.attributes, cfg.clip)
+    cfg.validate(source)
+    out = Path(out)
+    write_json(out / "config.json", asdict(cfg))
+    started, frames, examples = time.time(), [], {}
+    for model in cfg.models:
+        pipe, items = None, None
+        examples[model] = {}
+        for s in cfg.strengths:
+            path = out / model / f"strength-{s:g}.csv"
+            ex_path = out / model / f"examples-{s:g}.npz"
+            if path.exists() and ex_path.exists():
+                frames.append(pd.read_csv(path, keep_default_na=False))
+                with np.load(ex_path) as z:
+                    examples[model][s] = {k: z[k] for k in z.files}
+                continue
+            if pipe is None:
+                pipe = load_pipeline(model)
+            editor = EIMEditor(pipe, strength=s, num_inference_steps=cfg.num_inference_steps,
+                               guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
+            if items is None:
+                if hasattr(source, "size"):
+                    source.size = editor.size
+                items = source.sample(cfg.n, cfg.seed)
+            t0 = time.time()
+            frame, ex = run_unit(editor, source, items, cfg)
+            frame.insert(0, "model", model)
+            _save_examples(ex_path, ex)
+            write_csv(path, frame)
+            frames.append(frame)
+            examples[model][s] = ex
+            om = frame[frame.prompt == "omit"].groupby("attribute").retained.mean()
+            log(f"{model} strength {s:g}: retention with the word omitted "
+                + ", ".join(f"{a} {v:.0%}" for a, v in om.items()) + f"  ({time.time() - t0:.0f} s)")
+    rows = pd.concat(frames, ignore_index=True)
+    rows["omitted"] = rows["omitted"].fillna("")
+    summary = summarise(rows, source.values, cfg.bootstrap)
+    write_csv(out / "retention.csv", rows)
+    write_csv(out / "summary.csv", summary)
+    table = markdown_table(summary)
+    (out / "table.md").write_text(table)
+    write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1)})
+    fig_dir = Path(figures) if figures else out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    import matplotlib.pyplot as plt
+
+    for name, fig in (("semantic-loss-curves.png", plot_curves(summary)),
+                      ("semantic-loss-grid.png", plot_grid(examples, list(cfg.strengths)))):
+        fig.savefig(fig_dir / name, dpi=110)
+        plt.close(fig)
+    (fig_dir / "semantic-loss-table.md").write_text(table)
+    log(table)
+    log(f"results: {out}  figures: {fig_dir}")
+    return summary
+
+
+def config_from(path=None, **overrides) -> SemanticLossConfig:
+    return load_config(SemanticLossConfig, path, **overrides)

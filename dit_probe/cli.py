@@ -89,21 +89,54 @@ def _cmd_demo(args):
     return 0
 
 
+STUDIES = {
+    "probing": "colour/object probes on attention maps (Fig. 7)",
+    "toy-edits": "EIM and its ablations on toy edits, measured by the judge",
+    "semantic-loss": "attribute retention vs forward strength with full / omit / empty prompts (Fig. 13)",
+    "alpha-threshold": "target and collateral change vs edit degree alpha, thresholds, projections (Fig. 10)",
+    "sde": "the SDE disentanglement metric per model and binary attribute (Table 3)",
+}
+
+
 def _cmd_run(args):
     """A study from a config file and/or command-line settings (command line wins)."""
+    import importlib
+
     out = args.out or f"runs/{args.study}"
+    name = {"toy-edits": "toy_editing"}.get(args.study, args.study.replace("-", "_"))
+    module = importlib.import_module(f"dit_probe.studies.{name}")
+    overrides = {"models": args.model}
     if args.study == "probing":
-        from .studies import probing
-
-        overrides = {"models": args.model, "colors": args.color, "objects": args.object, "seeds": args.seeds,
-                     "folds": args.folds, "num_inference_steps": args.steps, "device": args.device}
-        probing.run(probing.config_from(args.config, **overrides), out=out, figures=args.figures)
-    else:
-        from .studies import toy_editing
-
-        overrides = {"models": args.model, "modes": args.mode, "n": args.n}
-        toy_editing.run(toy_editing.config_from(args.config, **overrides), out=out, figures=args.figures)
+        overrides.update(colors=args.color, objects=args.object, seeds=args.seeds, folds=args.folds,
+                         num_inference_steps=args.steps, device=args.device)
+    elif args.study in ("toy-edits", "alpha-threshold"):
+        overrides.update(modes=args.mode, n=args.n, attributes=args.attribute)
+    else:  # semantic-loss, sde
+        overrides.update(n=args.n, seeds=args.seeds, attributes=args.attribute, num_inference_steps=args.steps,
+                         source=args.source, celeba=args.celeba, clip=args.clip)
+        if args.study == "semantic-loss" and args.strength:
+            overrides["strengths"] = args.strength
+        elif args.study == "sde" and args.strength:
+            overrides["strength"] = args.strength[0]
+    unused = [name for name, value in (("--color", args.color), ("--object", args.object), ("--folds", args.folds),
+                                       ("--device", args.device), ("--mode", args.mode), ("--source", args.source),
+                                       ("--celeba", args.celeba), ("--clip", args.clip), ("--strength", args.strength))
+              if value is not None and name.lstrip("-") not in _OPTIONS[args.study]]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do(es) not apply to the {args.study} study; its options: "
+                         + ", ".join("--" + o for o in sorted(_OPTIONS[args.study])))
+    module.run(module.config_from(args.config, **overrides), out=out, figures=args.figures)
     return 0
+
+
+# which of the study-specific options each study takes
+_OPTIONS = {
+    "probing": {"color", "object", "folds", "device"},
+    "toy-edits": {"mode"},
+    "alpha-threshold": {"mode"},
+    "semantic-loss": {"source", "celeba", "clip", "strength"},
+    "sde": {"source", "celeba", "clip", "strength"},
+}
 
 
 def _cmd_edit(args):
@@ -206,19 +239,24 @@ def main(argv=None) -> int:
     ed.add_argument("--out", default="outputs/edit.png")
     ed.add_argument("--save-direction", help="also save the direction (safetensors) here")
     s = sub.add_parser("run", help="run a study: tables and figures (resumes where it stopped)")
-    s.add_argument("study", choices=["probing", "toy-edits"],
-                   help="probing: colour/object probes on attention maps (Fig. 7); toy-edits: EIM and ablations "
-                        "on toy edits, measured by the judge")
+    s.add_argument("study", choices=list(STUDIES), help="; ".join(f"{k}: {v}" for k, v in STUDIES.items()))
     s.add_argument("--config", help="YAML/JSON settings (see experiments/); command-line options override it")
     s.add_argument("--model", action="append", help="model (repeatable); default: the toy pair")
-    s.add_argument("--color", action="append", help="colour word (repeatable)")
-    s.add_argument("--object", action="append", help="object word (repeatable)")
-    s.add_argument("--seeds", type=int, help="seeds per (colour, object)")
-    s.add_argument("--folds", type=int, help="cross-validation folds (grouped by seed)")
+    s.add_argument("--color", action="append", help="probing: colour word (repeatable)")
+    s.add_argument("--object", action="append", help="probing: object word (repeatable)")
+    s.add_argument("--seeds", type=int, help="probing: seeds per (colour, object); semantic-loss, sde: noise samples per image")
+    s.add_argument("--folds", type=int, help="probing: cross-validation folds (grouped by seed)")
     s.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    s.add_argument("--device", help="cuda / cpu (default: cuda when available)")
-    s.add_argument("--mode", action="append", help="toy-edits: editing mode (repeatable)")
-    s.add_argument("--n", type=int, help="toy-edits: edits per attribute")
+    s.add_argument("--device", help="probing: cuda / cpu (default: cuda when available)")
+    s.add_argument("--mode", action="append", help="toy-edits, alpha-threshold: editing mode (repeatable)")
+    s.add_argument("--n", type=int, help="edits per attribute, or images (semantic-loss, sde)")
+    s.add_argument("--attribute", action="append", help="attribute (repeatable): toy color/shape/size/background, "
+                   "CelebA age/gender/expression/hair/eyeglasses/hat")
+    s.add_argument("--strength", type=float, action="append",
+                   help="semantic-loss: forward strength (repeatable); sde: the forward timestep as a fraction")
+    s.add_argument("--source", choices=["toy", "celeba"], help="semantic-loss, sde: images with known attributes")
+    s.add_argument("--celeba", help="CelebA folder (list_attr_celeba.txt, img_align_celeba/) for --source celeba")
+    s.add_argument("--clip", help="CLIP judge model for real images (hub id or local folder)")
     s.add_argument("--out", help="results folder (default runs/<study>)")
     s.add_argument("--figures", help="figure folder (default <out>/figures; the README's figures: figures/)")
     t = sub.add_parser("train-toy", help="train the toy pair (resumable; several hours on 2 CPU cores)")

@@ -274,7 +274,7 @@ def tiny_clip(seed: int = 0, image_size: int = 32):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
 
     torch.manual_seed(seed)
-    tokenizer = clip_tokenizer()
+    tokenizer = clip_tokenizer(model_max_length=77)  # judge prompts are longer than the toy captions
     text = _clip_config(tokenizer, hidden=32, projection=16)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
                               image_size=image_size, patch_size=8, projection_dim=16, hidden_act="gelu")

@@ -38,6 +38,24 @@ def write_csv(path, frame) -> Path:
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def write_arrays(path, **arrays) -> Path:
+    """Arrays into one .npz file (example images beside a study's tables)."""
+    import numpy as np
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
+def read_arrays(path) -> dict:
+    import numpy as np
+
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def versions() -> dict:
     """Package versions and machine, recorded next to every result."""
     import diffusers

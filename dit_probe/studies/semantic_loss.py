@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import atomic_write, load_config, versions, write_csv, write_json
+from .io import load_config, read_arrays, versions, write_arrays, write_csv, write_json
 from .stats import mean_ci
 
 PROMPTS = ("full", "omit", "empty")
@@ -198,14 +198,6 @@ def plot_grid(examples: dict, strengths: list[float]):
     return fig
 
 
-def _save_examples(path, examples):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **examples)
-
-    atomic_write(path, write)
-
-
 def run(cfg: SemanticLossConfig, out="runs/semantic-loss", figures=None, log=print) -> pd.DataFrame:
     from ..editing import EIMEditor
     from ..registry import load_pipeline
@@ -225,8 +217,7 @@ def run(cfg: SemanticLossConfig, out="runs/semantic-loss", figures=None, log=pri
             ex_path = out / model / f"examples-{s:g}.npz"
             if path.exists() and ex_path.exists():
                 frames.append(pd.read_csv(path, keep_default_na=False))
-                with np.load(ex_path) as z:
-                    examples[model][s] = {k: z[k] for k in z.files}
+                examples[model][s] = read_arrays(ex_path)
                 continue
             if pipe is None:
                 pipe = load_pipeline(model)
@@ -239,7 +230,7 @@ def run(cfg: SemanticLossConfig, out="runs/semantic-loss", figures=None, log=pri
             t0 = time.time()
             frame, ex = run_unit(editor, source, items, cfg)
             frame.insert(0, "model", model)
-            _save_examples(ex_path, ex)
+            write_arrays(ex_path, **ex)
             write_csv(path, frame)
             frames.append(frame)
             examples[model][s] = ex

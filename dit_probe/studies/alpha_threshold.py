@@ -1,0 +1,310 @@
+"""Alpha-threshold study (paper section 5.2, Fig. 10): how far can an edit go along its direction
+before other attributes change?
+
+For toy edits of one attribute (source render, target caption, target phrase: as in the toy editing
+study) and a direction from the editor (eim: text + HSDS; prompt-only: text; hsds-only: HSDS), alpha
+sweeps a grid that includes negative values. Per alpha the judge reads every image:
+
+- ``target_score``: P(target value), and ``success``: the target value is read;
+- ``changed_<attr>``: every other attribute read differently than at alpha = 0 (the same edit's plain
+  reconstruction, so reconstruction error is not counted as collateral), and ``collateral``: their mean;
+- ``background_psnr`` / ``background_ssim`` against the source over pixels that are background in both
+  renders.
+
+Thresholds per (model, mode, attribute): the alpha at which success first reaches 50%, and the alpha at
+which collateral first exceeds ``tolerance`` on each side of 0 (linear interpolation between grid points;
+none when it never does). The latent's projection on the direction: with u = n / ||n||, the noised
+latent moves along u by alpha ||n||; ``projection_z`` standardises that position against the other
+edits' latents projected on the same u (a null distribution: how many standard deviations out of the
+data an edit pushes), and ``alpha_match`` = the alpha at which the projection equals that of the target
+render noised with the same sample (image side), 1 by construction on the text side.
+
+Results: ``alphas.csv`` (one row per edit and alpha), ``summary.csv``, ``thresholds.csv``, ``table.md``,
+and figures (curves, projections, an example strip). Each (model, mode, attribute) unit is written
+atomically and skipped when present.
+
+    dit-probe run alpha-threshold
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .io import load_config, read_arrays, versions, write_arrays, write_csv, write_json
+from .stats import mean_ci
+
+
+@dataclass
+class AlphaThresholdConfig:
+    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
+    attributes: list[str] = field(default_factory=lambda: ["color", "size", "shape"])
+    modes: list[str] = field(default_factory=lambda: ["eim", "prompt-only"])
+    n: int = 20  # edits per attribute
+    alphas: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+    strength: float = 0.75
+    tolerance: float = 0.1  # collateral change (fraction of other attributes read differently) that counts
+    seed: int = 1  # scenes and noise (the toy editing study uses 0: these are other edits)
+    batch_size: int | None = None
+    bootstrap: int = 1000
+
+    def validate(self):
+        from ..editing import MODES
+        from .toy_editing import EDITABLE
+
+        bad = [a for a in self.attributes if a not in EDITABLE]
+        if bad:
+            raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
+        bad = [m for m in self.modes if m not in MODES or m == "reference"]
+        if bad:
+            raise ValueError(f"modes {bad} are not available here; choose from {[m for m in MODES if m != 'reference']}")
+        alphas = [float(a) for a in self.alphas]
+        if 0.0 not in alphas or not any(a < 0 for a in alphas) or not any(a > 0 for a in alphas):
+            raise ValueError(f"alphas must include 0 (the reference for collateral change), negative and positive "
+                             f"values; got {self.alphas}")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance is a fraction of attributes in (0, 1), got {self.tolerance}")
+        if self.n < 3:
+            raise ValueError(f"n must be >= 3 edits (the projection's null distribution needs the others), got {self.n}")
+
+
+def crossing(alphas, values, level: float, side: int = 1, inclusive: bool = False) -> float:
+    """The alpha nearest 0 on one side (side=+1: alpha >= 0; -1: alpha <= 0) where ``values`` first
+    exceeds ``level`` (reaches it when ``inclusive``), linearly interpolated between that grid point and
+    the one before. NaN when it never does; 0 when it already does at alpha 0."""
+    a = np.asarray(alphas, float)
+    v = np.asarray(values, float)
+    keep = a * side >= 0
+    order = np.argsort(a[keep] * side)
+    a, v = a[keep][order], v[keep][order]
+    above = v >= level if inclusive else v > level
+    if not above.any():
+        return float("nan")
+    k = int(np.argmax(above))
+    if k == 0:
+        return float(a[0])
+    a0, a1, v0, v1 = a[k - 1], a[k], v[k - 1], v[k]
+    return float(a0 + (level - v0) / (v1 - v0) * (a1 - a0)) if v1 != v0 else float(a1)
+
+
+def projections(enc, direction, alphas, target_enc=None) -> dict[str, np.ndarray]:
+    """Where the manipulated latent sits along each edit's direction. Uses the image side when there is
+    one, else the text side. Returns ``z`` (edits, alphas): the standardised projection, ``alpha_match``
+    (edits,) and the side used."""
+    if direction.image is not None:
+        side, base, n = "image", enc.zt, direction.image
+        target = target_enc.zt if target_enc is not None else None
+    else:
+        side, base, n = "text", enc.cond.embeds, direction.text_embeds
+        target = None
+    base = base.flatten(1).double()
+    n = n.flatten(1).double()
+    norm = n.norm(dim=1)
+    u = n / norm[:, None]
+    null = u @ base.T  # (edits, edits): every latent projected on every edit's direction
+    own = null.diagonal()
+    others = ~np.eye(len(u), dtype=bool)
+    mu = np.array([null[b].numpy()[others[b]].mean() for b in range(len(u))])
+    sd = np.array([null[b].numpy()[others[b]].std(ddof=1) for b in range(len(u))])
+    a = np.asarray(alphas, float)
+    pos = own.numpy()[:, None] + a[None] * norm.numpy()[:, None]
+    if target is not None:
+        match = (((u * target.flatten(1).double()).sum(1) - own) / norm).numpy()
+    else:
+        match = np.ones(len(u)) if side == "text" else np.full(len(u), np.nan)
+    return {"z": (pos - mu[:, None]) / sd[:, None], "alpha_match": match, "side": side,
+            "norm": norm.numpy()}
+
+
+def run_unit(editor, judge, attribute: str, mode: str, cfg: AlphaThresholdConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    from ..toyworld import ATTRIBUTES, render_many
+    from .toy_editing import _judge_rows, edit_batch
+
+    b = edit_batch(editor, attribute, mode, cfg.n, cfg.seed, cfg.alphas)
+    frame = pd.DataFrame(_judge_rows(judge, b.images, b.pairs, attribute, cfg.alphas, b.sources, b.masks))
+    target_enc = None
+    if b.direction.image is not None:
+        targets = [t for _, t in b.pairs]
+        target_enc = editor.encode(render_many(targets), [t.caption() for t in targets], b.seeds)
+    proj = projections(b.enc, b.direction, cfg.alphas, target_enc)
+    others = [x for x in ATTRIBUTES if x != attribute]
+    at0 = frame[frame.alpha == 0.0].set_index("edit")
+    for x in others:
+        frame[f"changed_{x}"] = frame[f"read_{x}"].values != at0.loc[frame.edit, f"read_{x}"].values
+    frame["collateral"] = frame[[f"changed_{x}" for x in others]].mean(axis=1)
+    frame["projection_z"] = proj["z"].reshape(-1)  # rows are edit-major, alpha-minor
+    frame["alpha_match"] = np.repeat(proj["alpha_match"], len(cfg.alphas))
+    frame["projection_side"] = proj["side"]
+    frame.insert(0, "attribute", attribute)
+    frame.insert(0, "mode", mode)
+    return frame, b.images[0]
+
+
+def summarise(rows: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    out = []
+    changed = [c for c in rows.columns if c.startswith("changed_")]
+    for key, g in rows.groupby(["model", "mode", "attribute", "alpha"], sort=False):
+        row = dict(zip(["model", "mode", "attribute", "alpha"], key), n=len(g))
+        for m in ["target_score", "success", "collateral", "background_psnr", "background_ssim"]:
+            row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
+        for c in changed:
+            row[c] = float(g[c].astype(float).mean()) if g[c].notna().any() else np.nan
+        row["projection_z"] = float(g.projection_z.mean())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def thresholds(summary: pd.DataFrame, rows: pd.DataFrame, tolerance: float) -> pd.DataFrame:
+    out = []
+    for (model, mode, attr), g in summary.groupby(["model", "mode", "attribute"], sort=False):
+        g = g.sort_values("alpha")
+        r = rows[(rows.model == model) & (rows["mode"] == mode) & (rows.attribute == attr)]
+        pos = crossing(g.alpha, g.collateral, tolerance, +1)
+        z_at = np.interp(pos, g.alpha, g.projection_z) if np.isfinite(pos) else np.nan
+        out.append({"model": model, "mode": mode, "attribute": attr, "tolerance": tolerance,
+                    "success_alpha": crossing(g.alpha, g.success, 0.5, +1, inclusive=True),
+                    "collateral_alpha": pos, "collateral_alpha_negative": crossing(g.alpha, g.collateral, tolerance, -1),
+                    "projection_z_at_threshold": z_at,
+                    "alpha_match_median": float(np.nanmedian(r.drop_duplicates("edit").alpha_match))
+                    if r.alpha_match.notna().any() else np.nan,
+                    "projection_side": r.projection_side.iloc[0]})
+    return pd.DataFrame(out)
+
+
+def markdown_table(th: pd.DataFrame, summary: pd.DataFrame) -> str:
+    def fmt(v):
+        return "never" if not np.isfinite(v) else f"{v:+.2f}"
+
+    lines = [f"| model | mode | attribute | success ≥ 50% at α | collateral > {th.tolerance.iloc[0]:.0%} at α (+) | "
+             "at α (−) | collateral at α=1 | at α=max | projection z at the threshold | α matching the target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    top = summary.alpha.max()
+    for r in th.itertuples():
+        g = summary[(summary.model == r.model) & (summary["mode"] == r.mode) & (summary.attribute == r.attribute)]
+        c1 = g[g.alpha == 1.0].collateral
+        cm = g[g.alpha == top].collateral
+        match = "–" if not np.isfinite(r.alpha_match_median) else f"{r.alpha_match_median:.2f} ({r.projection_side})"
+        zt = "–" if not np.isfinite(r.projection_z_at_threshold) else f"{r.projection_z_at_threshold:.1f}"
+        lines.append(f"| {r.model} | {r.mode} | {r.attribute} | {fmt(r.success_alpha)} | {fmt(r.collateral_alpha)} | "
+                     f"{fmt(r.collateral_alpha_negative)} | {c1.iloc[0]:.0%} | {cm.iloc[0]:.0%} (α={top:g}) | {zt} | {match} |"
+                     if len(c1) else "")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def plot_curves(summary: pd.DataFrame, th: pd.DataFrame, rows: pd.DataFrame, tolerance: float):
+    """Fig. 10-style: target score and collateral change vs alpha, background preservation vs alpha,
+    and where the latent sits along the direction (projection z) vs collateral."""
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(summary.model))
+    attrs = list(dict.fromkeys(summary.attribute))
+    colours = dict(zip(attrs, plt.cm.tab10.colors))
+    dashes = dict(zip(dict.fromkeys(summary["mode"]), ["-", "--", ":", "-."]))
+    fig, axes = plt.subplots(len(models), 3, figsize=(14, 3.5 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        sm = summary[summary.model == model]
+        for (mode, attr), g in sm.groupby(["mode", "attribute"], sort=False):
+            g = g.sort_values("alpha")
+            c, ls = colours[attr], dashes[mode]
+            axes[i, 0].plot(g.alpha, g.target_score, ls, color=c, marker="o", ms=3, label=f"{attr} target ({mode})")
+            axes[i, 0].plot(g.alpha, g.collateral, ls, color=c, marker="x", ms=4, alpha=0.6)
+            axes[i, 1].plot(g.alpha, g.background_psnr, ls, color=c, marker="o", ms=3, label=f"{attr} ({mode})")
+            axes[i, 2].plot(g.projection_z, g.collateral, ls, color=c, marker="o", ms=3, label=f"{attr} ({mode})")
+        for r in th[th.model == model].itertuples():
+            if np.isfinite(r.collateral_alpha):
+                axes[i, 0].axvline(r.collateral_alpha, color=colours[r.attribute], lw=0.8, ls=dashes[r.mode], alpha=0.5)
+        axes[i, 0].axhline(tolerance, color="k", lw=0.6, ls=":")
+        axes[i, 0].set_ylim(-0.02, 1.02)
+        axes[i, 0].set(xlabel="alpha", ylabel="P(target) (o) / collateral change (x)",
+                       title=f"{model}: target and collateral; vertical = threshold")
+        axes[i, 1].set(xlabel="alpha", ylabel="background PSNR (dB)", title=f"{model}: background preservation")
+        axes[i, 2].axhline(tolerance, color="k", lw=0.6, ls=":")
+        axes[i, 2].set(xlabel="latent projection on the direction (z vs other latents)", ylabel="collateral change",
+                       title=f"{model}: collateral vs distance along the direction")
+        for ax in axes[i]:
+            ax.title.set_fontsize(9)
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def plot_strips(strips: dict, alphas):
+    """One example edit per (model, attribute, mode): its images across alphas."""
+    import matplotlib.pyplot as plt
+
+    keys = list(strips)
+    fig, axes = plt.subplots(len(keys), len(alphas), figsize=(1.0 * len(alphas) + 1.2, 1.05 * len(keys)), squeeze=False)
+    for r, key in enumerate(keys):
+        for c, a in enumerate(alphas):
+            ax = axes[r, c]
+            ax.imshow(strips[key][c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"α={a:g}", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(key.replace(" ", "\n"), fontsize=5.5)
+    fig.tight_layout(pad=0.2)
+    return fig
+
+
+def run(cfg: AlphaThresholdConfig, out="runs/alpha-threshold", figures=None, log=print) -> pd.DataFrame:
+    from ..editing import EIMEditor
+    from ..registry import load_pipeline
+    from ..toyworld import Judge
+
+    cfg.validate()
+    out = Path(out)
+    write_json(out / "config.json", asdict(cfg))
+    judge, started, frames, strips = Judge(), time.time(), [], {}
+    for model in cfg.models:
+        editor = None
+        for mode in cfg.modes:
+            for attr in cfg.attributes:
+                path, strip_path = out / model / f"{mode}--{attr}.csv", out / model / f"{mode}--{attr}.npz"
+                if path.exists() and strip_path.exists():
+                    frames.append(pd.read_csv(path))
+                    strips[f"{model} {attr} {mode}"] = read_arrays(strip_path)["images"]
+                    continue
+                if editor is None:
+                    editor = EIMEditor(load_pipeline(model), strength=cfg.strength, batch_size=cfg.batch_size)
+                t0 = time.time()
+                frame, strip = run_unit(editor, judge, attr, mode, cfg)
+                frame.insert(0, "model", model)
+                write_arrays(strip_path, images=strip)
+                write_csv(path, frame)
+                frames.append(frame)
+                strips[f"{model} {attr} {mode}"] = strip
+                log(f"{model} {mode:<11} {attr:<6} collateral by alpha: "
+                    + " ".join(f"{a:g}:{v:.2f}" for a, v in frame.groupby("alpha").collateral.mean().items())
+                    + f"  ({time.time() - t0:.0f} s)")
+    rows = pd.concat(frames, ignore_index=True)
+    summary = summarise(rows, cfg.bootstrap)
+    th = thresholds(summary, rows, cfg.tolerance)
+    write_csv(out / "alphas.csv", rows)
+    write_csv(out / "summary.csv", summary)
+    write_csv(out / "thresholds.csv", th)
+    table = markdown_table(th, summary)
+    (out / "table.md").write_text(table)
+    write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1)})
+    fig_dir = Path(figures) if figures else out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    import matplotlib.pyplot as plt
+
+    for name, fig in (("alpha-threshold-curves.png", plot_curves(summary, th, rows, cfg.tolerance)),
+                      ("alpha-threshold-examples.png", plot_strips(strips, [float(a) for a in cfg.alphas]))):
+        fig.savefig(fig_dir / name, dpi=110)
+        plt.close(fig)
+    (fig_dir / "alpha-threshold-table.md").write_text(table)
+    log(table)
+    log(f"results: {out}  figures: {fig_dir}")
+    return th
+
+
+def config_from(path=None, **overrides) -> AlphaThresholdConfig:
+    return load_config(AlphaThresholdConfig, path, **overrides)

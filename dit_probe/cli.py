@@ -123,7 +123,8 @@ def _cmd_run(args):
                                        ("--celeba", args.celeba), ("--clip", args.clip), ("--strength", args.strength))
               if value is not None and name.lstrip("-") not in _OPTIONS[args.study]]
     if unused:
-        raise ValueError(f"{', '.join(unused)} do(es) not apply to the {args.study} study; its options: "
+        verb = "does" if len(unused) == 1 else "do"
+        raise ValueError(f"{', '.join(unused)} {verb} not apply to the {args.study} study; its own options: "
                          + ", ".join("--" + o for o in sorted(_OPTIONS[args.study])))
     module.run(module.config_from(args.config, **overrides), out=out, figures=args.figures)
     return 0

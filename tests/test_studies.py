@@ -1,0 +1,221 @@
+"""The semantic-loss sweep, the alpha-threshold study and the SDE table: unit maths on constructed
+inputs, reduced toy runs with measured bars, resumption, and clear errors on bad input."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dit_probe.cli import main
+from dit_probe.studies import alpha_threshold as at
+from dit_probe.studies import sde as sde_study
+from dit_probe.studies import semantic_loss as sl
+from dit_probe.studies.sources import CelebAError, CelebASource, ToySource, read_celeba_attributes
+from dit_probe.toyworld import ATTRIBUTES, Scene, render
+
+
+# ----- threshold detection -----
+def test_crossing_interpolates_between_grid_points():
+    alphas = [-2, -1, 0, 1, 2, 3]
+    collateral = [0.5, 0.05, 0.0, 0.05, 0.25, 0.6]
+    assert at.crossing(alphas, collateral, 0.1, +1) == pytest.approx(1 + (0.1 - 0.05) / 0.2)  # 1.25
+    assert at.crossing(alphas, collateral, 0.1, -1) == pytest.approx(-1 - (0.1 - 0.05) / 0.45)
+    assert np.isnan(at.crossing(alphas, collateral, 0.7, +1))  # never exceeds
+    assert at.crossing(alphas, [0.2] * 6, 0.1, +1) == 0.0  # already above at alpha 0
+    assert at.crossing(alphas, [0, 0, 0, 0.5, 0.5, 1], 0.5, +1, inclusive=True) == 1.0  # reaches vs exceeds
+    assert at.crossing(alphas, [0, 0, 0, 0.5, 0.5, 1], 0.5, +1) == pytest.approx(2.0)  # exceeds just after 2
+    assert at.crossing([3, 0, 1, 2], [0.6, 0.0, 0.05, 0.25], 0.1, +1) == pytest.approx(1.25)  # order-free
+
+
+# ----- retention on synthetic judge outputs -----
+class FixedEditor:
+    """Stands in for EIMEditor: every prompt but the empty one reconstructs the source exactly; the empty
+    prompt gives one fixed scene (a small red circle on black)."""
+
+    strength = 0.5
+    FIXED = Scene("circle", "red", "small", "black")
+
+    class adapter:
+        @staticmethod
+        def log_snr(t):
+            return -1.5
+
+    def encode(self, images, prompts, seeds):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(images=images, t=500.0)
+
+    def reconstruct(self, enc, prompts=None):
+        return np.stack([im if p else render(self.FIXED) for im, p in zip(enc.images, prompts)])
+
+
+def test_retention_counts_what_the_judge_reads():
+    source = ToySource()
+    cfg = sl.SemanticLossConfig(n=24, seeds=2)
+    items = source.sample(cfg.n, seed=5)
+    rows, examples = sl.run_unit(FixedEditor(), source, items, cfg)
+    rows.insert(0, "model", "fixed")
+    summary = sl.summarise(rows, source.values)
+    get = summary.set_index(["prompt", "attribute"]).retention
+    for a in ATTRIBUTES:
+        assert get["full", a] == 1.0 and get["omit", a] == 1.0  # renders are read exactly
+        expected = np.mean([lab[a] == getattr(FixedEditor.FIXED, a) for lab in items.labels])
+        assert get["empty", a] == pytest.approx(expected)
+    assert set(summary.chance.round(3)) == {0.125, 0.5, 0.333}
+    assert (summary.images == 24).all() and (summary.samples == 48).all()
+    assert examples["source"].shape == (1, 32, 32, 3) and "no-color" in examples
+
+
+def test_retention_ci_is_over_images_with_their_seeds_averaged():
+    rows = pd.DataFrame({"model": "m", "prompt": "omit", "attribute": "color", "strength": 0.5, "timestep": 1.0,
+                         "log_snr": 0.0, "image": np.repeat(np.arange(10), 2),
+                         "retained": [True, False] * 5 + [True, True] * 5})
+    s = sl.summarise(rows, {"color": ATTRIBUTES["color"]}, n_boot=500).iloc[0]
+    assert s.retention == pytest.approx(0.75) and s.images == 10 and s.samples == 20
+    assert s.retention_lo < 0.75 < s.retention_hi and s.retention_lo >= 0.5
+
+
+# ----- sources -----
+def _celeba(tmp_path, n=6, columns=("Young", "Male", "Smiling", "Blond_Hair", "Eyeglasses", "Wearing_Hat")):
+    from PIL import Image
+
+    root = tmp_path / "celeba"
+    (root / "img_align_celeba").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = [str(n), " ".join(columns)]
+    for i in range(n):
+        name = f"{i + 1:06d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (218, 178, 3)).astype(np.uint8)).save(root / "img_align_celeba" / name)
+        lines.append(name + " " + " ".join(rng.choice(["1", "-1"], len(columns))))
+    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_celeba_folder_is_read_and_sampled(tmp_path):
+    root = _celeba(tmp_path)
+    names, columns, table = read_celeba_attributes(root)
+    assert len(names) == 6 and table.shape == (6, 6) and set(np.unique(table)) <= {-1, 1}
+    src = CelebASource(root, ["age", "eyeglasses"], size=64)
+    items = src.sample(4, seed=0)
+    assert items.images.shape == (4, 64, 64, 3) and items.images.dtype == np.uint8
+    for lab in items.labels:
+        assert lab["age"] in ("young", "old") and set(lab) == {"age", "eyeglasses"}
+    assert src.caption({"age": "old", "eyeglasses": "wearing eyeglasses"}) == "a photo of a person, old, wearing eyeglasses"
+    assert src.caption({"age": "old", "eyeglasses": "wearing eyeglasses"}, drop=("age",)) == \
+        "a photo of a person, wearing eyeglasses"
+    assert src.flip("age", "old") == "young"
+    # the labels follow the file: image k's 'Young' column
+    first = read_celeba_attributes(root)[2][:, 0]
+    idx = np.random.default_rng(0).choice(6, 4, replace=False)
+    assert [lab["age"] for lab in items.labels] == ["young" if first[r] > 0 else "old" for r in idx]
+
+
+def test_celeba_missing_or_malformed_names_the_expected_files(tmp_path):
+    with pytest.raises(CelebAError, match="list_attr_celeba.txt and img_align_celeba/"):
+        CelebASource(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CelebAError, match="has no list_attr_celeba.txt.*img_align_celeba/"):
+        CelebASource(tmp_path / "empty")
+    root = _celeba(tmp_path)
+    text = (root / "list_attr_celeba.txt").read_text().splitlines()
+    (root / "list_attr_celeba.txt").write_text("\n".join(text[:3] + ["000002.jpg 1 0 1"] + text[4:]) + "\n")
+    with pytest.raises(CelebAError, match="line 4 is malformed"):
+        CelebASource(root)
+    root2 = _celeba(tmp_path / "b", columns=("Young", "Male"))
+    with pytest.raises(CelebAError, match="lacks the column"):
+        CelebASource(root2, ["hat"])
+    (root2 / "img_align_celeba" / "000001.jpg").unlink()
+    with pytest.raises(CelebAError, match="000001.jpg .* is not in"):
+        CelebASource(root2, ["age"], size=32).sample(6, seed=0)
+    with pytest.raises(KeyError, match="unknown CelebA attribute 'smile'"):
+        CelebASource(root2, ["smile"])
+
+
+# ----- bad input -----
+def test_bad_settings_are_refused_before_any_work(tmp_path, capsys):
+    for bad in (0.0, 1.2, -0.1):
+        with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+            sl.SemanticLossConfig(strengths=[0.15, bad]).validate()
+        with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+            sde_study.SDEConfig(strength=bad).validate()
+    with pytest.raises(KeyError, match="toy judge knows the attributes .* not 'smile'"):
+        sl.SemanticLossConfig(attributes=["color", "smile"]).validate(ToySource())
+    with pytest.raises(KeyError, match="not 'hat'"):
+        sde_study.run(sde_study.SDEConfig(attributes=["hat"]), out=tmp_path / "sde")
+    assert not (tmp_path / "sde").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="include 0 .* negative and positive"):
+        at.AlphaThresholdConfig(alphas=[0, 1, 2]).validate()
+    with pytest.raises(CelebAError, match="needs the CelebA folder"):
+        sl.run(sl.SemanticLossConfig(source="celeba"), out=tmp_path / "sl")
+    assert main(["run", "semantic-loss", "--strength", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert "outside (0, 1]" in capsys.readouterr().err
+    assert main(["run", "sde", "--attribute", "smile", "--out", str(tmp_path / "x")]) == 2
+    assert "not 'smile'" in capsys.readouterr().err
+    assert main(["run", "sde", "--source", "celeba", "--celeba", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "list_attr_celeba.txt" in capsys.readouterr().err
+    assert main(["run", "sde", "--folds", "3"]) == 2
+    assert "does not apply to the sde study" in capsys.readouterr().err
+
+
+# ----- reduced toy runs -----
+def test_semantic_loss_toy_run_loses_unnamed_attributes_and_resumes(tmp_path):
+    cfg = sl.SemanticLossConfig(models=["toy-mmdit"], strengths=[0.15, 0.95], n=12, seeds=1)
+    out = tmp_path / "sl"
+    summary = sl.run(cfg, out=out, figures=tmp_path / "fig", log=lambda *a: None)
+    get = summary.set_index(["prompt", "attribute", "strength"]).retention
+    for a in ATTRIBUTES:  # a little noise: everything survives whatever the prompt
+        assert get["full", a, 0.15] >= 0.9 and get["omit", a, 0.15] >= 0.9
+    # nearly pure noise: the full prompt restores colour, the prompts without it do not
+    assert get["full", "color", 0.95] >= 0.8
+    assert get["omit", "color", 0.95] <= 0.5 and get["empty", "color", 0.95] <= 0.5
+    assert get["omit", "color", 0.95] < get["omit", "color", 0.15]
+    log_snr = summary.groupby("strength").log_snr.first()
+    assert log_snr[0.15] > log_snr[0.95]  # more strength, less signal
+    for name in ("semantic-loss-curves.png", "semantic-loss-grid.png"):
+        assert (tmp_path / "fig" / name).stat().st_size > 5000
+    assert "| toy-mmdit | color |" in (tmp_path / "fig" / "semantic-loss-table.md").read_text()
+    assert {"config.json", "run.json", "retention.csv", "summary.csv"} <= {p.name for p in out.iterdir()}
+    # resume: a missing unit is recomputed identically, the other is read back untouched
+    unit = out / "toy-mmdit" / "strength-0.95.csv"
+    kept = out / "toy-mmdit" / "strength-0.15.csv"
+    before, stamp = pd.read_csv(unit), kept.stat().st_mtime_ns
+    unit.unlink()
+    again = sl.run(cfg, out=out, figures=tmp_path / "fig", log=lambda *a: None)
+    pd.testing.assert_frame_equal(pd.read_csv(unit), before)
+    assert kept.stat().st_mtime_ns == stamp
+    pd.testing.assert_frame_equal(again, summary)
+
+
+def test_alpha_threshold_toy_run(tmp_path):
+    cfg = at.AlphaThresholdConfig(models=["toy-mmdit"], attributes=["color"], modes=["eim"], n=6,
+                                  alphas=[-1.0, 0.0, 1.0, 3.0])
+    th = at.run(cfg, out=tmp_path / "at", figures=tmp_path / "fig", log=lambda *a: None)
+    rows = pd.read_csv(tmp_path / "at" / "alphas.csv")
+    summary = pd.read_csv(tmp_path / "at" / "summary.csv").set_index("alpha")
+    assert (rows[rows.alpha == 0].collateral == 0).all()  # alpha 0 is the reference by construction
+    assert summary.loc[1.0, "target_score"] >= summary.loc[0.0, "target_score"] + 0.5  # the edit works
+    assert summary.loc[1.0, "success"] >= 0.8
+    r = th.iloc[0]
+    assert 0 < r.success_alpha <= 1.0
+    # the reported threshold is where the measured collateral curve crosses the tolerance
+    assert r.collateral_alpha == pytest.approx(at.crossing(summary.index, summary.collateral, cfg.tolerance, +1),
+                                               nan_ok=True)
+    # projections: alpha moves the latent along the direction, so z grows with alpha for every edit
+    z = rows.pivot(index="edit", columns="alpha", values="projection_z")
+    assert (np.diff(z.values, axis=1) > 0).all()
+    assert (rows.projection_side == "image").all() and rows.alpha_match.notna().all()
+    for name in ("alpha-threshold-curves.png", "alpha-threshold-examples.png"):
+        assert (tmp_path / "fig" / name).stat().st_size > 5000
+    assert "| toy-mmdit | eim | color |" in (tmp_path / "fig" / "alpha-threshold-table.md").read_text()
+
+
+def test_sde_toy_run(tmp_path):
+    cfg = sde_study.SDEConfig(models=["toy-mmdit"], attributes=["color"], n=8, seeds=1)
+    summary = sde_study.run(cfg, out=tmp_path / "sde", figures=tmp_path / "fig", log=lambda *a: None)
+    rows = pd.read_csv(tmp_path / "sde" / "sde.csv")
+    r = summary.iloc[0]
+    assert r.flip_success >= 0.8 and r.kept_success >= 0.8  # the flip took and c kept the colour
+    assert r.ratio < 0.8  # so c~ moved the image further from x than c did
+    np.testing.assert_allclose(rows.sde, rows.kept / rows.flipped + rows.flipped)
+    assert set(rows.value) <= {"red", "blue"} and (rows.value != rows.flipped_value).all()
+    assert "Norm: rms" in (tmp_path / "fig" / "sde-table3.md").read_text()
+    assert (tmp_path / "fig" / "sde-table3.png").stat().st_size > 5000

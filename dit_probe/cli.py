@@ -109,8 +109,11 @@ def _cmd_run(args):
     if args.study == "probing":
         overrides.update(colors=args.color, objects=args.object, seeds=args.seeds, folds=args.folds,
                          num_inference_steps=args.steps, device=args.device)
-    elif args.study in ("toy-edits", "alpha-threshold"):
+    elif args.study == "toy-edits":
         overrides.update(modes=args.mode, n=args.n, attributes=args.attribute)
+    elif args.study == "alpha-threshold":
+        overrides.update(modes=args.mode, n=args.n, attributes=args.attribute, source=args.source,
+                         celeba=args.celeba, clip=args.clip, num_inference_steps=args.steps)
     else:  # semantic-loss, sde
         overrides.update(n=args.n, seeds=args.seeds, attributes=args.attribute, num_inference_steps=args.steps,
                          source=args.source, celeba=args.celeba, clip=args.clip)
@@ -134,7 +137,7 @@ def _cmd_run(args):
 _OPTIONS = {
     "probing": {"color", "object", "folds", "device"},
     "toy-edits": {"mode"},
-    "alpha-threshold": {"mode"},
+    "alpha-threshold": {"mode", "source", "celeba", "clip"},
     "semantic-loss": {"source", "celeba", "clip", "strength"},
     "sde": {"source", "celeba", "clip", "strength"},
 }
@@ -255,7 +258,7 @@ def main(argv=None) -> int:
                    "CelebA age/gender/expression/hair/eyeglasses/hat")
     s.add_argument("--strength", type=float, action="append",
                    help="semantic-loss: forward strength (repeatable); sde: the forward timestep as a fraction")
-    s.add_argument("--source", choices=["toy", "celeba"], help="semantic-loss, sde: images with known attributes")
+    s.add_argument("--source", choices=["toy", "celeba"], help="semantic-loss, sde, alpha-threshold: images with known attributes")
     s.add_argument("--celeba", help="CelebA folder (list_attr_celeba.txt, img_align_celeba/) for --source celeba")
     s.add_argument("--clip", help="CLIP judge model for real images (hub id or local folder)")
     s.add_argument("--out", help="results folder (default runs/<study>)")

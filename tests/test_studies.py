@@ -219,3 +219,31 @@ def test_sde_toy_run(tmp_path):
     assert set(rows.value) <= {"red", "blue"} and (rows.value != rows.flipped_value).all()
     assert "Norm: rms" in (tmp_path / "fig" / "sde-table3.md").read_text()
     assert (tmp_path / "fig" / "sde-table3.png").stat().st_size > 5000
+
+
+# ----- the real-image path: CelebA folder + CLIP judge, on tiny random pipelines -----
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux", "tiny-unet"])
+def test_studies_run_on_a_celeba_folder_with_the_clip_judge(tmp_path, model):
+    from dit_probe.tiny import tiny_clip
+
+    root = _celeba(tmp_path, n=5)
+    clip_dir = tmp_path / "clip"
+    for part in tiny_clip():
+        part.save_pretrained(clip_dir)
+    common = dict(models=[model], source="celeba", celeba=str(root), clip=str(clip_dir), num_inference_steps=4)
+    s = sl.run(sl.SemanticLossConfig(attributes=["age", "hat"], strengths=[0.5, 1.0], n=3, seeds=1, **common),
+               out=tmp_path / "sl", figures=tmp_path / "fig", log=lambda *a: None)
+    rows = pd.read_csv(tmp_path / "sl" / "retention.csv")
+    # per strength: full (2 attributes) + omit (1 each) + empty (2) readings per image
+    assert len(rows) == 2 * 3 * (2 + 2 + 2) and s.retention.between(0, 1).all()
+    assert set(rows["value"]) <= {"young", "old", "wearing a hat", "without a hat"}
+    th = at.run(at.AlphaThresholdConfig(attributes=["eyeglasses"], modes=["eim"], n=3, alphas=[-1.0, 0.0, 1.0],
+                                        **common), out=tmp_path / "at", figures=tmp_path / "fig", log=lambda *a: None)
+    arows = pd.read_csv(tmp_path / "at" / "alphas.csv")
+    assert len(arows) == 9 and (arows[arows.alpha == 0].collateral == 0).all() and not arows.masked.any()
+    assert len(th) == 1 and arows.alpha_match.isna().all()  # no target images for real edits
+    d = sde_study.run(sde_study.SDEConfig(attributes=["gender"], n=3, seeds=1, strength=0.6, **common),
+                      out=tmp_path / "sde", figures=tmp_path / "fig", log=lambda *a: None)
+    drows = pd.read_csv(tmp_path / "sde" / "sde.csv")
+    np.testing.assert_allclose(drows.sde, drows.kept / drows.flipped + drows.flipped)
+    assert set(drows.value) <= {"male", "female"} and np.isfinite(d.sde).all()

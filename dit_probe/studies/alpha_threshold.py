@@ -1,15 +1,15 @@
 """Alpha-threshold study (paper section 5.2, Fig. 10): how far can an edit go along its direction
 before other attributes change?
 
-For toy edits of one attribute (source render, target caption, target phrase: as in the toy editing
-study) and a direction from the editor (eim: text + HSDS; prompt-only: text; hsds-only: HSDS), alpha
+For edits of one attribute (toy: source render, target caption, target phrase, as in the toy editing
+study; CelebA: one binary attribute flipped, read by the CLIP judge) and a direction from the editor (eim: text + HSDS; prompt-only: text; hsds-only: HSDS), alpha
 sweeps a grid that includes negative values. Per alpha the judge reads every image:
 
 - ``target_score``: P(target value), and ``success``: the target value is read;
 - ``changed_<attr>``: every other attribute read differently than at alpha = 0 (the same edit's plain
   reconstruction, so reconstruction error is not counted as collateral), and ``collateral``: their mean;
 - ``background_psnr`` / ``background_ssim`` against the source over pixels that are background in both
-  renders.
+  renders (toy; CelebA has no masks, so the whole image is scored and ``masked`` is False).
 
 Thresholds per (model, mode, attribute): the alpha at which success first reaches 50%, and the alpha at
 which collateral first exceeds ``tolerance`` on each side of 0 (linear interpolation between grid points;
@@ -49,16 +49,24 @@ class AlphaThresholdConfig:
     strength: float = 0.75
     tolerance: float = 0.1  # collateral change (fraction of other attributes read differently) that counts
     seed: int = 1  # scenes and noise (the toy editing study uses 0: these are other edits)
+    source: str = "toy"  # toy | celeba (edits flip one binary attribute; the CLIP judge reads them)
+    celeba: str | None = None
+    clip: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     batch_size: int | None = None
     bootstrap: int = 1000
 
-    def validate(self):
+    def validate(self, source=None):
         from ..editing import MODES
         from .toy_editing import EDITABLE
 
         bad = [a for a in self.attributes if a not in EDITABLE]
-        if bad:
+        if self.source == "toy" and bad:
             raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
+        if source is not None:
+            for a in self.attributes:
+                source.check(a)
         bad = [m for m in self.modes if m not in MODES or m == "reference"]
         if bad:
             raise ValueError(f"modes {bad} are not available here; choose from {[m for m in MODES if m != 'reference']}")
@@ -120,18 +128,47 @@ def projections(enc, direction, alphas, target_enc=None) -> dict[str, np.ndarray
             "norm": norm.numpy()}
 
 
-def run_unit(editor, judge, attribute: str, mode: str, cfg: AlphaThresholdConfig) -> tuple[pd.DataFrame, np.ndarray]:
-    from ..toyworld import ATTRIBUTES, render_many
-    from .toy_editing import _judge_rows, edit_batch
+def edit_set(source, attribute: str, n: int, seed: int) -> dict:
+    """The edits of one attribute: source images and labels, target labels, captions, target phrases,
+    background masks, and (toy) the target renders. Toy: random scenes with the attribute changed to a
+    random other value, exact background masks. CelebA: the binary attribute flipped; no masks (the
+    whole image is scored) and no target images."""
+    from .sources import ToySource
 
-    b = edit_batch(editor, attribute, mode, cfg.n, cfg.seed, cfg.alphas)
-    frame = pd.DataFrame(_judge_rows(judge, b.images, b.pairs, attribute, cfg.alphas, b.sources, b.masks))
+    if isinstance(source, ToySource):
+        from ..toyworld import render_many
+        from .toy_editing import background_mask, phrase_for
+        from .toy_editing import edit_set as toy_edit_set
+
+        pairs = toy_edit_set(attribute, n, seed)
+        return {"rgb": render_many([s for s, _ in pairs]), "sources": [s.attributes for s, _ in pairs],
+                "targets": [t.attributes for _, t in pairs], "phrases": [phrase_for(t, attribute) for _, t in pairs],
+                "masks": np.stack([background_mask(s, t) for s, t in pairs]),
+                "target_rgb": render_many([t for _, t in pairs])}
+    items = source.sample(n, seed)
+    targets = [{**lab, attribute: source.flip(attribute, lab[attribute])} for lab in items.labels]
+    return {"rgb": items.images, "sources": items.labels, "targets": targets,
+            "phrases": [source.caption({attribute: t[attribute]}) for t in targets],
+            "masks": np.ones(items.images.shape[:3], bool), "target_rgb": None}
+
+
+def run_unit(editor, source, attribute: str, mode: str, cfg: AlphaThresholdConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    from .toy_editing import judge_edits
+
+    e = edit_set(source, attribute, cfg.n, cfg.seed)
+    seeds = [cfg.seed * 100_000 + i for i in range(cfg.n)]
+    captions = [source.caption(lab) for lab in e["sources"]]
+    targets = [source.caption(lab) for lab in e["targets"]]
+    enc = editor.encode(e["rgb"], captions, seeds)
+    direction = editor.identify(enc, targets, mode, e["phrases"])
+    images = editor.manipulate(enc, direction, cfg.alphas)
+    frame = pd.DataFrame(judge_edits(source.judge, images, e["sources"], e["targets"], attribute, cfg.alphas,
+                                     e["rgb"], e["masks"]))
     target_enc = None
-    if b.direction.image is not None:
-        targets = [t for _, t in b.pairs]
-        target_enc = editor.encode(render_many(targets), [t.caption() for t in targets], b.seeds)
-    proj = projections(b.enc, b.direction, cfg.alphas, target_enc)
-    others = [x for x in ATTRIBUTES if x != attribute]
+    if direction.image is not None and e["target_rgb"] is not None:
+        target_enc = editor.encode(e["target_rgb"], targets, seeds)  # the same noise as the sources
+    proj = projections(enc, direction, cfg.alphas, target_enc)
+    others = [x for x in source.values if x != attribute]
     at0 = frame[frame.alpha == 0.0].set_index("edit")
     for x in others:
         frame[f"changed_{x}"] = frame[f"read_{x}"].values != at0.loc[frame.edit, f"read_{x}"].values
@@ -139,9 +176,10 @@ def run_unit(editor, judge, attribute: str, mode: str, cfg: AlphaThresholdConfig
     frame["projection_z"] = proj["z"].reshape(-1)  # rows are edit-major, alpha-minor
     frame["alpha_match"] = np.repeat(proj["alpha_match"], len(cfg.alphas))
     frame["projection_side"] = proj["side"]
+    frame["masked"] = e["target_rgb"] is not None  # False: PSNR/SSIM over the whole image
     frame.insert(0, "attribute", attribute)
     frame.insert(0, "mode", mode)
-    return frame, b.images[0]
+    return frame, images[0]
 
 
 def summarise(rows: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
@@ -256,12 +294,14 @@ def plot_strips(strips: dict, alphas):
 def run(cfg: AlphaThresholdConfig, out="runs/alpha-threshold", figures=None, log=print) -> pd.DataFrame:
     from ..editing import EIMEditor
     from ..registry import load_pipeline
-    from ..toyworld import Judge
+    from .sources import make_source
 
     cfg.validate()
+    source = make_source(cfg.source, cfg.celeba, None, cfg.clip)  # every attribute: collateral is read on the others
+    cfg.validate(source)
     out = Path(out)
     write_json(out / "config.json", asdict(cfg))
-    judge, started, frames, strips = Judge(), time.time(), [], {}
+    started, frames, strips = time.time(), [], {}
     for model in cfg.models:
         editor = None
         for mode in cfg.modes:
@@ -272,9 +312,12 @@ def run(cfg: AlphaThresholdConfig, out="runs/alpha-threshold", figures=None, log
                     strips[f"{model} {attr} {mode}"] = read_arrays(strip_path)["images"]
                     continue
                 if editor is None:
-                    editor = EIMEditor(load_pipeline(model), strength=cfg.strength, batch_size=cfg.batch_size)
+                    editor = EIMEditor(load_pipeline(model), strength=cfg.strength, batch_size=cfg.batch_size,
+                                       num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale)
+                    if hasattr(source, "size"):
+                        source.size = editor.size
                 t0 = time.time()
-                frame, strip = run_unit(editor, judge, attr, mode, cfg)
+                frame, strip = run_unit(editor, source, attr, mode, cfg)
                 frame.insert(0, "model", model)
                 write_arrays(strip_path, images=strip)
                 write_csv(path, frame)

@@ -104,30 +104,31 @@ def background_mask(source, target) -> np.ndarray:
     return (coverage(source) == 0) & (coverage(target) == 0)
 
 
-def _judge_rows(judge, images, pairs, attribute, alphas, sources_rgb, masks):
-    """One row per (edit, alpha)."""
+def judge_edits(judge, images, sources: list[dict], targets: list[dict], attribute, alphas, sources_rgb, masks):
+    """One row per (edit, alpha): the judge's reading of every edited image against the source and target
+    labels (attribute -> value dicts). Works with any judge (toy or CLIP)."""
     from ..metrics import psnr, ssim
-    from ..toyworld import ATTRIBUTES
 
+    values = judge.attributes
     n, a = images.shape[:2]
     flat = images.reshape(n * a, *images.shape[2:])
     reads = judge.read(flat)
     scores = judge.scores(flat)
+    others = [x for x in values if x != attribute]
     rows = []
-    for i, (src, tgt) in enumerate(pairs):
-        value = getattr(tgt, attribute)
+    for i, (src, tgt) in enumerate(zip(sources, targets)):
+        value = tgt[attribute]
         ref, mask = np.repeat(sources_rgb[i][None], a, 0), np.repeat(masks[i][None], a, 0)
         p, q = psnr(ref, images[i], mask), ssim(ref, images[i], mask)
         for k, alpha in enumerate(alphas):
             r = reads[i * a + k]
-            others = [x for x in ATTRIBUTES if x != attribute]
             rows.append({
-                "edit": i, "alpha": float(alpha), "source_value": getattr(src, attribute), "target_value": value,
-                "target_score": float(scores[attribute][i * a + k, ATTRIBUTES[attribute].index(value)]),
+                "edit": i, "alpha": float(alpha), "source_value": src[attribute], "target_value": value,
+                "target_score": float(scores[attribute][i * a + k, list(values[attribute]).index(value)]),
                 "read": r[attribute], "success": r[attribute] == value,
-                "preserved": all(r[x] == getattr(src, x) for x in others),
-                **{f"kept_{x}": r[x] == getattr(src, x) for x in others},
-                **{f"read_{x}": r[x] for x in ATTRIBUTES},
+                "preserved": all(r[x] == src[x] for x in others),
+                **{f"kept_{x}": r[x] == src[x] for x in others},
+                **{f"read_{x}": r[x] for x in values},
                 "background_psnr": float(p[k]), "background_ssim": float(q[k]),
             })
     return rows
@@ -164,7 +165,8 @@ def run_unit(editor, judge, attribute: str, mode: str, cfg: ToyEditConfig) -> pd
     """All edits of one attribute in one mode with one model."""
     b = edit_batch(editor, attribute, mode, cfg.n, cfg.seed, cfg.alphas)
     pairs, seeds, images = b.pairs, b.seeds, b.images
-    rows = _judge_rows(judge, images, pairs, attribute, cfg.alphas, b.sources, b.masks)
+    rows = judge_edits(judge, images, [s.attributes for s, _ in pairs], [t.attributes for _, t in pairs], attribute,
+                       cfg.alphas, b.sources, b.masks)
     direction = b.direction
     frame = pd.DataFrame(rows)
     if cfg.bidirectional and mode == "eim":

@@ -1,6 +1,8 @@
 """The semantic-loss sweep, the alpha-threshold study and the SDE table: unit maths on constructed
 inputs, reduced toy runs with measured bars, resumption, and clear errors on bad input."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -247,3 +249,15 @@ def test_studies_run_on_a_celeba_folder_with_the_clip_judge(tmp_path, model):
     drows = pd.read_csv(tmp_path / "sde" / "sde.csv")
     np.testing.assert_allclose(drows.sde, drows.kept / drows.flipped + drows.flipped)
     assert set(drows.value) <= {"male", "female"} and np.isfinite(d.sde).all()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_config_loads_and_validates(path):
+    """A typo or a setting a study does not know fails here, not on a GPU hours later."""
+    from dit_probe.studies import probing, toy_editing
+
+    study = {"probing": probing, "toy-edits": toy_editing, "semantic-loss": sl, "alpha-threshold": at, "sde": sde_study}
+    name = next(k for k in sorted(study, key=len, reverse=True) if path.name.startswith(k))
+    cfg = study[name].config_from(path)
+    if hasattr(cfg, "validate"):
+        cfg.validate()

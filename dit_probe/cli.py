@@ -95,6 +95,7 @@ STUDIES = {
     "semantic-loss": "attribute retention vs forward strength with full / omit / empty prompts (Fig. 13)",
     "alpha-threshold": "target and collateral change vs edit degree alpha, thresholds, projections (Fig. 10)",
     "sde": "the SDE disentanglement metric per model and binary attribute (Table 3)",
+    "benchmark": "ZOPIE-style editing benchmark: background PSNR/SSIM/LPIPS, CLIPScore, graded-edit (Table 2)",
 }
 
 
@@ -114,6 +115,8 @@ def _cmd_run(args):
     elif args.study == "alpha-threshold":
         overrides.update(modes=args.mode, n=args.n, attributes=args.attribute, source=args.source,
                          celeba=args.celeba, clip=args.clip, num_inference_steps=args.steps)
+    elif args.study == "benchmark":
+        overrides.update(modes=args.mode, data=args.data, clip=args.clip, lpips=args.lpips, num_inference_steps=args.steps)
     else:  # semantic-loss, sde
         overrides.update(n=args.n, seeds=args.seeds, attributes=args.attribute, num_inference_steps=args.steps,
                          source=args.source, celeba=args.celeba, clip=args.clip)
@@ -123,7 +126,8 @@ def _cmd_run(args):
             overrides["strength"] = args.strength[0]
     unused = [name for name, value in (("--color", args.color), ("--object", args.object), ("--folds", args.folds),
                                        ("--device", args.device), ("--mode", args.mode), ("--source", args.source),
-                                       ("--celeba", args.celeba), ("--clip", args.clip), ("--strength", args.strength))
+                                       ("--celeba", args.celeba), ("--clip", args.clip), ("--strength", args.strength),
+                                       ("--data", args.data), ("--lpips", args.lpips))
               if value is not None and name.lstrip("-") not in _OPTIONS[args.study]]
     if unused:
         verb = "does" if len(unused) == 1 else "do"
@@ -140,6 +144,7 @@ _OPTIONS = {
     "alpha-threshold": {"mode", "source", "celeba", "clip"},
     "semantic-loss": {"source", "celeba", "clip", "strength"},
     "sde": {"source", "celeba", "clip", "strength"},
+    "benchmark": {"mode", "data", "clip", "lpips"},
 }
 
 
@@ -252,7 +257,7 @@ def main(argv=None) -> int:
     s.add_argument("--folds", type=int, help="probing: cross-validation folds (grouped by seed)")
     s.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     s.add_argument("--device", help="probing: cuda / cpu (default: cuda when available)")
-    s.add_argument("--mode", action="append", help="toy-edits, alpha-threshold: editing mode (repeatable)")
+    s.add_argument("--mode", action="append", help="toy-edits, alpha-threshold, benchmark: editing mode (repeatable)")
     s.add_argument("--n", type=int, help="edits per attribute, or images (semantic-loss, sde)")
     s.add_argument("--attribute", action="append", help="attribute (repeatable): toy color/shape/size/background, "
                    "CelebA age/gender/expression/hair/eyeglasses/hat")
@@ -260,7 +265,9 @@ def main(argv=None) -> int:
                    help="semantic-loss: forward strength (repeatable); sde: the forward timestep as a fraction")
     s.add_argument("--source", choices=["toy", "celeba"], help="semantic-loss, sde, alpha-threshold: images with known attributes")
     s.add_argument("--celeba", help="CelebA folder (list_attr_celeba.txt, img_align_celeba/) for --source celeba")
-    s.add_argument("--clip", help="CLIP judge model for real images (hub id or local folder)")
+    s.add_argument("--clip", help="CLIP model for real images: the judge, CLIPScore (hub id or local folder)")
+    s.add_argument("--data", help="benchmark: a ZOPIE-style folder (index.jsonl); default: the toy benchmark")
+    s.add_argument("--lpips", help="benchmark: AlexNet weights for LPIPS (a torchvision alexnet state dict, or 'torchvision')")
     s.add_argument("--out", help="results folder (default runs/<study>)")
     s.add_argument("--figures", help="figure folder (default <out>/figures; the README's figures: figures/)")
     t = sub.add_parser("train-toy", help="train the toy pair (resumable; several hours on 2 CPU cores)")

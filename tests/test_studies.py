@@ -254,9 +254,10 @@ def test_studies_run_on_a_celeba_folder_with_the_clip_judge(tmp_path, model):
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_experiment_config_loads_and_validates(path):
     """A typo or a setting a study does not know fails here, not on a GPU hours later."""
-    from dit_probe.studies import probing, toy_editing
+    from dit_probe.studies import benchmark, probing, toy_editing
 
-    study = {"probing": probing, "toy-edits": toy_editing, "semantic-loss": sl, "alpha-threshold": at, "sde": sde_study}
+    study = {"probing": probing, "toy-edits": toy_editing, "semantic-loss": sl, "alpha-threshold": at, "sde": sde_study,
+             "benchmark": benchmark}
     name = next(k for k in sorted(study, key=len, reverse=True) if path.name.startswith(k))
     cfg = study[name].config_from(path)
     if hasattr(cfg, "validate"):

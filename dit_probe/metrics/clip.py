@@ -124,3 +124,15 @@ class ClipJudge:
         names = self.attributes
         n = len(next(iter(s.values())))
         return [{a: names[a][int(np.argmax(s[a][i]))] for a in s} for i in range(n)]
+
+
+def edit_probability(clip: Clip, images, source_prompts, edit_prompts) -> np.ndarray:
+    """Per image, CLIP's zero-shot probability that it shows its edit prompt rather than its source prompt
+    (softmax over the two at CLIP's logit scale): the real-image judge of the graded-edit score."""
+    img = clip.image_embeds(images)
+    src, tgt = clip.text_embeds(source_prompts), clip.text_embeds(edit_prompts)
+    if not (len(img) == len(src) == len(tgt)):
+        raise ValueError(f"{len(img)} images, {len(src)} source prompts, {len(tgt)} edit prompts: give one of each per image")
+    scale = float(clip.model.logit_scale.exp())
+    logits = scale * torch.stack([(img * tgt).sum(-1), (img * src).sum(-1)], -1)
+    return torch.softmax(logits, -1)[:, 0].cpu().numpy()

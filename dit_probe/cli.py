@@ -96,6 +96,8 @@ STUDIES = {
     "alpha-threshold": "target and collateral change vs edit degree alpha, thresholds, projections (Fig. 10)",
     "sde": "the SDE disentanglement metric per model and binary attribute (Table 3)",
     "benchmark": "ZOPIE-style editing benchmark: background PSNR/SSIM/LPIPS, CLIPScore, graded-edit (Table 2)",
+    "hsds-ablation": "HSDS lambda x step-size grid on toy edits (Fig. 11)",
+    "sds-guidance": "SDS image direction guided by the target phrase vs the source prompt (Fig. 12)",
 }
 
 
@@ -104,7 +106,7 @@ def _cmd_run(args):
     import importlib
 
     out = args.out or f"runs/{args.study}"
-    name = {"toy-edits": "toy_editing"}.get(args.study, args.study.replace("-", "_"))
+    name, run_name, config_name = _STUDY_API.get(args.study, (args.study.replace("-", "_"), "run", "config_from"))
     module = importlib.import_module(f"dit_probe.studies.{name}")
     overrides = {"models": args.model}
     if args.study == "probing":
@@ -115,6 +117,8 @@ def _cmd_run(args):
     elif args.study == "alpha-threshold":
         overrides.update(modes=args.mode, n=args.n, attributes=args.attribute, source=args.source,
                          celeba=args.celeba, clip=args.clip, num_inference_steps=args.steps)
+    elif args.study in ("hsds-ablation", "sds-guidance"):
+        overrides.update(n=args.n, attributes=args.attribute)
     elif args.study == "benchmark":
         overrides.update(modes=args.mode, data=args.data, clip=args.clip, lpips=args.lpips, num_inference_steps=args.steps)
     else:  # semantic-loss, sde
@@ -133,8 +137,16 @@ def _cmd_run(args):
         verb = "does" if len(unused) == 1 else "do"
         raise ValueError(f"{', '.join(unused)} {verb} not apply to the {args.study} study; its own options: "
                          + ", ".join("--" + o for o in sorted(_OPTIONS[args.study])))
-    module.run(module.config_from(args.config, **overrides), out=out, figures=args.figures)
+    getattr(module, run_name)(getattr(module, config_name)(args.config, **overrides), out=out, figures=args.figures)
     return 0
+
+
+# study -> (module in dit_probe.studies, its run function, its config loader), where not the defaults
+_STUDY_API = {
+    "toy-edits": ("toy_editing", "run", "config_from"),
+    "hsds-ablation": ("ablations", "run_hsds", "hsds_config_from"),
+    "sds-guidance": ("ablations", "run_sds", "sds_config_from"),
+}
 
 
 # which of the study-specific options each study takes
@@ -145,6 +157,8 @@ _OPTIONS = {
     "semantic-loss": {"source", "celeba", "clip", "strength"},
     "sde": {"source", "celeba", "clip", "strength"},
     "benchmark": {"mode", "data", "clip", "lpips"},
+    "hsds-ablation": set(),
+    "sds-guidance": set(),
 }
 
 

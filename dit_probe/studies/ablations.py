@@ -1,0 +1,254 @@
+"""Two ablations of the image-side direction on toy edits, judged exactly.
+
+- **Fig. 11, lambda and step size** (``dit-probe run hsds-ablation``): HSDS with every lambda in
+  ``lams`` and every starting step size in ``eta_starts`` (decaying to a tenth of it). By default the
+  edits use the image side alone (mode hsds-only), so the text side, which already edits the toy
+  world by itself, does not mask the effect of the settings.
+- **Fig. 12, SDS guided by the target vs the source prompt** (``dit-probe run sds-guidance``): the SDS
+  direction distilled towards the target phrase (e.g. 'a blue shape') or towards the source caption,
+  applied on the image side alone.
+
+Per setting and alpha: the judge's P(target), success, whether every other attribute is kept, and
+background PSNR (exact masks). Results: ``rows.csv``, ``summary.csv``, ``table.md`` and a figure; each
+(model, setting) unit is written atomically and skipped when present.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .io import load_config, versions, write_csv, write_json
+from .stats import mean_ci
+
+
+@dataclass
+class HSDSAblationConfig:
+    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
+    attributes: list[str] = field(default_factory=lambda: ["size", "color"])
+    mode: str = "hsds-only"  # or eim: the text side as well
+    lams: list[float] = field(default_factory=lambda: [0.1, 0.5, 1.0])
+    eta_starts: list[float] = field(default_factory=lambda: [0.05, 0.2])
+    iterations: int = 20
+    n: int = 10  # edits per attribute
+    alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.5])
+    strength: float = 0.75
+    seed: int = 2
+    bootstrap: int = 1000
+
+    def settings(self):
+        return [{"lam": float(lam), "eta_start": float(eta)} for lam in self.lams for eta in self.eta_starts]
+
+    def validate(self):
+        from .toy_editing import EDITABLE
+
+        bad = [a for a in self.attributes if a not in EDITABLE]
+        if bad:
+            raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
+        if self.mode not in ("hsds-only", "eim"):
+            raise ValueError(f"mode must be 'hsds-only' or 'eim' (the modes that use HSDS), got {self.mode!r}")
+        if not self.lams or not self.eta_starts or min(self.eta_starts) <= 0 or min(self.lams) < 0:
+            raise ValueError("give lams >= 0 and eta_starts > 0")
+
+
+@dataclass
+class SDSGuidanceConfig:
+    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
+    attributes: list[str] = field(default_factory=lambda: ["color", "size", "shape"])
+    guides: list[str] = field(default_factory=lambda: ["target", "source"])
+    n: int = 12
+    alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.5])
+    strength: float = 0.75
+    seed: int = 3
+    bootstrap: int = 1000
+
+    def validate(self):
+        from .toy_editing import EDITABLE
+
+        bad = [a for a in self.attributes if a not in EDITABLE]
+        if bad:
+            raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
+        bad = [g for g in self.guides if g not in ("target", "source")]
+        if bad:
+            raise ValueError(f"guides {bad}: choose 'target' (the target phrase) and/or 'source' (the source caption)")
+
+
+def _edit_rows(editor, judge, attribute, n, seed, alphas, mode, phrases_from="target", image_only=False):
+    """Judge rows for n toy edits of one attribute (toy_editing's edits and judge)."""
+    from .toy_editing import background_mask, edit_set, judge_edits, phrase_for
+
+    from ..toyworld import render_many
+
+    pairs = edit_set(attribute, n, seed)
+    sources = render_many([s for s, _ in pairs])
+    masks = np.stack([background_mask(s, t) for s, t in pairs])
+    enc = editor.encode(sources, [s.caption() for s, _ in pairs], [seed * 100_000 + i for i in range(n)])
+    phrases = [phrase_for(t, attribute) if phrases_from == "target" else s.caption() for s, t in pairs]
+    direction = editor.identify(enc, [t.caption() for _, t in pairs], mode, phrases)
+    if image_only:
+        direction.text_embeds = direction.text_pooled = None
+    images = editor.manipulate(enc, direction, alphas)
+    frame = pd.DataFrame(judge_edits(judge, images, [s.attributes for s, _ in pairs], [t.attributes for _, t in pairs],
+                                     attribute, alphas, sources, masks))
+    frame.insert(0, "attribute", attribute)
+    frame["direction_norm"] = np.repeat(direction.image.flatten(1).norm(dim=1).numpy(), len(alphas))
+    return frame
+
+
+def _summarise(rows, keys, n_boot):
+    rng = np.random.default_rng(0)
+    out = []
+    for key, g in rows.groupby(keys + ["attribute", "alpha"], sort=False):
+        row = dict(zip(keys + ["attribute", "alpha"], key), n=len(g))
+        for m in ("target_score", "success", "preserved", "background_psnr"):
+            row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
+        row["direction_norm"] = float(g.direction_norm.mean())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _table(summary, keys, alpha):
+    s = summary[summary.alpha == alpha]
+    z = summary[summary.alpha == 0.0].set_index(["model"] + keys[1:] + ["attribute"])
+    lines = ["| " + " | ".join(keys) + f" | attribute | P(target) α=0 → {alpha:g} | success | others kept | "
+             "background PSNR (dB) | ‖n_zt‖ |", "|" + "---|" * (len(keys) + 6)]
+    for r in s.itertuples():
+        base = z.loc[tuple(getattr(r, k) for k in ["model"] + keys[1:]) + (r.attribute,)]
+        lines.append("| " + " | ".join(f"{getattr(r, k)}" for k in keys) + f" | {r.attribute} | "
+                     f"{base.target_score:.2f} → {r.target_score:.2f} | {r.success:.0%} | {r.preserved:.0%} | "
+                     f"{r.background_psnr:.1f} | {r.direction_norm:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _run(units, cfg, out, figures, name, keys, plot, log):
+    """Shared loop: units = [(model, setting dict, function(editor, judge) -> frame)]."""
+    from ..editing import EIMEditor
+    from ..registry import load_pipeline
+    from ..toyworld import Judge
+
+    out = Path(out)
+    write_json(out / "config.json", asdict(cfg))
+    judge, started, frames, editors = Judge(), time.time(), [], {}
+    for model, setting, fn in units:
+        tag = "--".join(f"{k}-{v}" for k, v in setting.items())
+        path = out / model / f"{tag}.csv"
+        if path.exists():
+            frames.append(pd.read_csv(path))
+            continue
+        if model not in editors:
+            editors.clear()
+            editors[model] = EIMEditor(load_pipeline(model), strength=cfg.strength)
+        t0 = time.time()
+        frame = fn(editors[model], judge)
+        frame.insert(0, "model", model)
+        for i, (k, v) in enumerate(setting.items()):
+            frame.insert(1 + i, k, v)
+        write_csv(path, frame)
+        frames.append(frame)
+        top = frame[frame.alpha == max(cfg.alphas)]
+        log(f"{model} {tag}: P(target) at alpha {max(cfg.alphas):g} {top.target_score.mean():.2f}, kept "
+            f"{top.preserved.mean():.0%} ({time.time() - t0:.0f} s)")
+    rows = pd.concat(frames, ignore_index=True)
+    summary = _summarise(rows, keys, cfg.bootstrap)
+    write_csv(out / "rows.csv", rows)
+    write_csv(out / "summary.csv", summary)
+    table = _table(summary, keys, max(cfg.alphas))
+    (out / "table.md").write_text(table)
+    write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1)})
+    fig_dir = Path(figures) if figures else out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    import matplotlib.pyplot as plt
+
+    fig = plot(summary, max(cfg.alphas))
+    fig.savefig(fig_dir / f"{name}.png", dpi=110)
+    plt.close(fig)
+    (fig_dir / f"{name}-table.md").write_text(table)
+    log(table)
+    log(f"results: {out}  figures: {fig_dir}")
+    return summary
+
+
+def _plot_hsds(summary, alpha):
+    import matplotlib.pyplot as plt
+
+    s = summary[summary.alpha == alpha]
+    models, attrs = list(dict.fromkeys(s.model)), list(dict.fromkeys(s.attribute))
+    fig, axes = plt.subplots(len(models), 2 * len(attrs), figsize=(3.3 * 2 * len(attrs), 2.9 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, attr in enumerate(attrs):
+            g = s[(s.model == model) & (s.attribute == attr)]
+            for k, (m, title) in enumerate((("target_score", "P(target)"), ("preserved", "others kept"))):
+                grid = g.pivot(index="lam", columns="eta_start", values=m)
+                ax = axes[i, 2 * j + k]
+                im = ax.imshow(grid.values, vmin=0, vmax=1, cmap="viridis", origin="lower")
+                ax.set_xticks(range(grid.shape[1]), [f"{v:g}" for v in grid.columns])
+                ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
+                for (r, c), v in np.ndenumerate(grid.values):
+                    ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+                ax.set(xlabel="step size η (start)", ylabel="λ", title=f"{model}: {attr} edits, {title} at α={alpha:g}")
+                ax.title.set_fontsize(8)
+    fig.colorbar(im, ax=axes, shrink=0.6)
+    return fig
+
+
+def _plot_sds(summary, alpha):
+    import matplotlib.pyplot as plt
+
+    s = summary[summary.alpha == alpha]
+    models = list(dict.fromkeys(s.model))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.4), squeeze=False)
+    for i, model in enumerate(models):
+        ax = axes[0, i]
+        for guide, marker in (("target", "o"), ("source", "s")):
+            g = s[(s.model == model) & (s.guide == guide)]
+            ax.scatter(1 - g.preserved, g.target_score, marker=marker, s=40, label=f"guided by the {guide}")
+            for r in g.itertuples():
+                ax.annotate(r.attribute, (1 - r.preserved, r.target_score), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set(xlim=(-0.05, 1.05), ylim=(-0.05, 1.05), xlabel="unintended change (share of edits with another "
+               "attribute changed)", ylabel=f"P(target) at α={alpha:g}", title=f"{model}: SDS image direction")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def run_hsds(cfg: HSDSAblationConfig, out="runs/hsds-ablation", figures=None, log=print):
+    from ..editing import DistillSettings
+
+    cfg.validate()
+
+    def unit(setting):
+        def fn(editor, judge):
+            editor.distill = DistillSettings(iterations=cfg.iterations, lam=setting["lam"], eta_start=setting["eta_start"],
+                                             eta_end=setting["eta_start"] / 10)
+            return pd.concat([_edit_rows(editor, judge, a, cfg.n, cfg.seed, cfg.alphas, cfg.mode)
+                              for a in cfg.attributes], ignore_index=True)
+        return fn
+
+    units = [(m, s, unit(s)) for m in cfg.models for s in cfg.settings()]
+    return _run(units, cfg, out, figures, "hsds-ablation", ["model", "lam", "eta_start"], _plot_hsds, log)
+
+
+def run_sds(cfg: SDSGuidanceConfig, out="runs/sds-guidance", figures=None, log=print):
+    cfg.validate()
+
+    def unit(guide):
+        def fn(editor, judge):
+            return pd.concat([_edit_rows(editor, judge, a, cfg.n, cfg.seed, cfg.alphas, "sds", guide, image_only=True)
+                              for a in cfg.attributes], ignore_index=True)
+        return fn
+
+    units = [(m, {"guide": g}, unit(g)) for m in cfg.models for g in cfg.guides]
+    return _run(units, cfg, out, figures, "sds-guidance", ["model", "guide"], _plot_sds, log)
+
+
+def hsds_config_from(path=None, **overrides) -> HSDSAblationConfig:
+    return load_config(HSDSAblationConfig, path, **overrides)
+
+
+def sds_config_from(path=None, **overrides) -> SDSGuidanceConfig:
+    return load_config(SDSGuidanceConfig, path, **overrides)

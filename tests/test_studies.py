@@ -254,11 +254,33 @@ def test_studies_run_on_a_celeba_folder_with_the_clip_judge(tmp_path, model):
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_experiment_config_loads_and_validates(path):
     """A typo or a setting a study does not know fails here, not on a GPU hours later."""
-    from dit_probe.studies import benchmark, probing, toy_editing
+    from dit_probe.studies import ablations, benchmark, probing, toy_editing
 
-    study = {"probing": probing, "toy-edits": toy_editing, "semantic-loss": sl, "alpha-threshold": at, "sde": sde_study,
-             "benchmark": benchmark}
-    name = next(k for k in sorted(study, key=len, reverse=True) if path.name.startswith(k))
-    cfg = study[name].config_from(path)
+    loaders = {"probing": probing.config_from, "toy-edits": toy_editing.config_from, "semantic-loss": sl.config_from,
+               "alpha-threshold": at.config_from, "sde": sde_study.config_from, "benchmark": benchmark.config_from,
+               "hsds-ablation": ablations.hsds_config_from, "sds-guidance": ablations.sds_config_from}
+    name = next(k for k in sorted(loaders, key=len, reverse=True) if path.name.startswith(k))
+    cfg = loaders[name](path)
     if hasattr(cfg, "validate"):
         cfg.validate()
+
+
+def test_ablation_studies_on_the_toy_model(tmp_path):
+    from dit_probe.studies import ablations as ab
+
+    cfg = ab.HSDSAblationConfig(models=["toy-mmdit"], attributes=["size"], n=3, lams=[0.1, 1.0], eta_starts=[0.05, 0.2])
+    s = ab.run_hsds(cfg, out=tmp_path / "h", figures=tmp_path / "fig", log=lambda *a: None)
+    top = s[s.alpha == 1.5].set_index(["lam", "eta_start"])
+    for lam in (0.1, 1.0):  # a larger step moves the latent further, at every lambda
+        assert top.loc[(lam, 0.2), "direction_norm"] > top.loc[(lam, 0.05), "direction_norm"]
+    base = s[s.alpha == 0.0]
+    assert base.target_score.nunique() == 1  # alpha 0 is the same reconstruction whatever the settings
+    g = ab.run_sds(ab.SDSGuidanceConfig(models=["toy-mmdit"], attributes=["size"], n=3), out=tmp_path / "s",
+                   figures=tmp_path / "fig", log=lambda *a: None)
+    rows = pd.read_csv(tmp_path / "s" / "rows.csv")
+    assert set(rows.guide) == {"target", "source"} and len(rows) == 2 * 3 * 3
+    norms = rows.groupby("guide").direction_norm.mean()
+    assert norms["target"] != pytest.approx(norms["source"])  # the two guides give different directions
+    assert g[g.alpha == 0].target_score.nunique() == 1
+    for name in ("hsds-ablation.png", "sds-guidance.png"):
+        assert (tmp_path / "fig" / name).stat().st_size > 5000

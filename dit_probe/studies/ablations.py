@@ -1,4 +1,5 @@
-"""Two ablations of the image-side direction on toy edits, judged exactly.
+"""Two ablations of the image-side direction, on toy edits judged exactly (default) or on CelebA
+edits judged by CLIP (``source: celeba``).
 
 - **Fig. 11, lambda and step size** (``dit-probe run hsds-ablation``): HSDS with every lambda in
   ``lams`` and every starting step size in ``eta_starts`` (decaying to a tenth of it). By default the
@@ -9,7 +10,7 @@
   applied on the image side alone.
 
 Per setting and alpha: the judge's P(target), success, whether every other attribute is kept, and
-background PSNR (exact masks). Results: ``rows.csv``, ``summary.csv``, ``table.md`` and a figure; each
+background PSNR (exact masks on the toy world; the whole image on CelebA). Results: ``rows.csv``, ``summary.csv``, ``table.md`` and a figure; each
 (model, setting) unit is written atomically and skipped when present.
 """
 
@@ -38,6 +39,11 @@ class HSDSAblationConfig:
     alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.5])
     strength: float = 0.75
     seed: int = 2
+    source: str = "toy"  # toy | celeba (binary attributes flipped, read by the CLIP judge)
+    celeba: str | None = None
+    clip: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     bootstrap: int = 1000
 
     def settings(self):
@@ -47,7 +53,7 @@ class HSDSAblationConfig:
         from .toy_editing import EDITABLE
 
         bad = [a for a in self.attributes if a not in EDITABLE]
-        if bad:
+        if self.source == "toy" and bad:
             raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
         if self.mode not in ("hsds-only", "eim"):
             raise ValueError(f"mode must be 'hsds-only' or 'eim' (the modes that use HSDS), got {self.mode!r}")
@@ -64,38 +70,41 @@ class SDSGuidanceConfig:
     alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.5])
     strength: float = 0.75
     seed: int = 3
+    source: str = "toy"  # toy | celeba (binary attributes flipped, read by the CLIP judge)
+    celeba: str | None = None
+    clip: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     bootstrap: int = 1000
 
     def validate(self):
         from .toy_editing import EDITABLE
 
         bad = [a for a in self.attributes if a not in EDITABLE]
-        if bad:
+        if self.source == "toy" and bad:
             raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
         bad = [g for g in self.guides if g not in ("target", "source")]
         if bad:
             raise ValueError(f"guides {bad}: choose 'target' (the target phrase) and/or 'source' (the source caption)")
 
 
-def _edit_rows(editor, judge, attribute, n, seed, alphas, mode, phrases_from="target", image_only=False):
-    """Judge rows for n toy edits of one attribute (toy_editing's edits and judge)."""
-    from .toy_editing import background_mask, edit_set, judge_edits, phrase_for
+def _edit_rows(editor, source, attribute, n, seed, alphas, mode, phrases_from="target", image_only=False):
+    """Judge rows for n edits of one attribute (the alpha-threshold study's edits: toy or CelebA)."""
+    from .alpha_threshold import edit_set
+    from .toy_editing import judge_edits
 
-    from ..toyworld import render_many
-
-    pairs = edit_set(attribute, n, seed)
-    sources = render_many([s for s, _ in pairs])
-    masks = np.stack([background_mask(s, t) for s, t in pairs])
-    enc = editor.encode(sources, [s.caption() for s, _ in pairs], [seed * 100_000 + i for i in range(n)])
-    phrases = [phrase_for(t, attribute) if phrases_from == "target" else s.caption() for s, t in pairs]
-    direction = editor.identify(enc, [t.caption() for _, t in pairs], mode, phrases)
+    e = edit_set(source, attribute, n, seed)
+    captions = [source.caption(lab) for lab in e["sources"]]
+    enc = editor.encode(e["rgb"], captions, [seed * 100_000 + i for i in range(n)])
+    phrases = e["phrases"] if phrases_from == "target" else captions
+    direction = editor.identify(enc, [source.caption(lab) for lab in e["targets"]], mode, phrases)
     if image_only:
         direction.text_embeds = direction.text_pooled = None
     images = editor.manipulate(enc, direction, alphas)
-    frame = pd.DataFrame(judge_edits(judge, images, [s.attributes for s, _ in pairs], [t.attributes for _, t in pairs],
-                                     attribute, alphas, sources, masks))
+    frame = pd.DataFrame(judge_edits(source.judge, images, e["sources"], e["targets"], attribute, alphas, e["rgb"],
+                                     e["masks"]))
     frame.insert(0, "attribute", attribute)
-    frame["direction_norm"] = np.repeat(direction.image.flatten(1).norm(dim=1).numpy(), len(alphas))
+    frame["direction_norm"] = np.repeat(direction.image.flatten(1).norm(dim=1).cpu().numpy(), len(alphas))
     return frame
 
 
@@ -128,11 +137,14 @@ def _run(units, cfg, out, figures, name, keys, plot, log):
     """Shared loop: units = [(model, setting dict, function(editor, judge) -> frame)]."""
     from ..editing import EIMEditor
     from ..registry import load_pipeline
-    from ..toyworld import Judge
+    from .sources import make_source
 
+    source = make_source(cfg.source, cfg.celeba, None, cfg.clip)  # every attribute: the others are checked
+    for a in cfg.attributes:
+        source.check(a)
     out = Path(out)
     write_json(out / "config.json", asdict(cfg))
-    judge, started, frames, editors = Judge(), time.time(), [], {}
+    started, frames, editors = time.time(), [], {}
     for model, setting, fn in units:
         tag = "--".join(f"{k}-{v}" for k, v in setting.items())
         path = out / model / f"{tag}.csv"
@@ -141,9 +153,12 @@ def _run(units, cfg, out, figures, name, keys, plot, log):
             continue
         if model not in editors:
             editors.clear()
-            editors[model] = EIMEditor(load_pipeline(model), strength=cfg.strength)
+            editors[model] = EIMEditor(load_pipeline(model), strength=cfg.strength, guidance_scale=cfg.guidance_scale,
+                                       num_inference_steps=cfg.num_inference_steps)
+            if hasattr(source, "size"):
+                source.size = editors[model].size
         t0 = time.time()
-        frame = fn(editors[model], judge)
+        frame = fn(editors[model], source)
         frame.insert(0, "model", model)
         for i, (k, v) in enumerate(setting.items()):
             frame.insert(1 + i, k, v)
@@ -222,10 +237,10 @@ def run_hsds(cfg: HSDSAblationConfig, out="runs/hsds-ablation", figures=None, lo
     cfg.validate()
 
     def unit(setting):
-        def fn(editor, judge):
+        def fn(editor, source):
             editor.distill = DistillSettings(iterations=cfg.iterations, lam=setting["lam"], eta_start=setting["eta_start"],
                                              eta_end=setting["eta_start"] / 10)
-            return pd.concat([_edit_rows(editor, judge, a, cfg.n, cfg.seed, cfg.alphas, cfg.mode)
+            return pd.concat([_edit_rows(editor, source, a, cfg.n, cfg.seed, cfg.alphas, cfg.mode)
                               for a in cfg.attributes], ignore_index=True)
         return fn
 
@@ -237,8 +252,8 @@ def run_sds(cfg: SDSGuidanceConfig, out="runs/sds-guidance", figures=None, log=p
     cfg.validate()
 
     def unit(guide):
-        def fn(editor, judge):
-            return pd.concat([_edit_rows(editor, judge, a, cfg.n, cfg.seed, cfg.alphas, "sds", guide, image_only=True)
+        def fn(editor, source):
+            return pd.concat([_edit_rows(editor, source, a, cfg.n, cfg.seed, cfg.alphas, "sds", guide, image_only=True)
                               for a in cfg.attributes], ignore_index=True)
         return fn
 

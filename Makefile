@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test figures bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+figures: $(VENV)/.installed
+	$(BIN)/dit-probe figures
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_recorder.py

@@ -1,4 +1,4 @@
-"""Command line: ``dit-probe models | record | demo | edit | run | train-toy | evaluate-toy``."""
+"""Command line: ``dit-probe models | record | demo | edit | run | figures | train-toy | evaluate-toy``."""
 
 from __future__ import annotations
 
@@ -89,25 +89,12 @@ def _cmd_demo(args):
     return 0
 
 
-STUDIES = {
-    "probing": "colour/object probes on attention maps (Fig. 7)",
-    "toy-edits": "EIM and its ablations on toy edits, measured by the judge",
-    "semantic-loss": "attribute retention vs forward strength with full / omit / empty prompts (Fig. 13)",
-    "alpha-threshold": "target and collateral change vs edit degree alpha, thresholds, projections (Fig. 10)",
-    "sde": "the SDE disentanglement metric per model and binary attribute (Table 3)",
-    "benchmark": "ZOPIE-style editing benchmark: background PSNR/SSIM/LPIPS, CLIPScore, graded-edit (Table 2)",
-    "hsds-ablation": "HSDS lambda x step-size grid on toy edits (Fig. 11)",
-    "sds-guidance": "SDS image direction guided by the target phrase vs the source prompt (Fig. 12)",
-}
-
-
 def _cmd_run(args):
     """A study from a config file and/or command-line settings (command line wins)."""
-    import importlib
+    from .studies import study
 
     out = args.out or f"runs/{args.study}"
-    name, run_name, config_name = _STUDY_API.get(args.study, (args.study.replace("-", "_"), "run", "config_from"))
-    module = importlib.import_module(f"dit_probe.studies.{name}")
+    run, config_from = study(args.study)
     overrides = {"models": args.model}
     if args.study == "probing":
         overrides.update(colors=args.color, objects=args.object, seeds=args.seeds, folds=args.folds,
@@ -137,16 +124,8 @@ def _cmd_run(args):
         verb = "does" if len(unused) == 1 else "do"
         raise ValueError(f"{', '.join(unused)} {verb} not apply to the {args.study} study; its own options: "
                          + ", ".join("--" + o for o in sorted(_OPTIONS[args.study])))
-    getattr(module, run_name)(getattr(module, config_name)(args.config, **overrides), out=out, figures=args.figures)
+    run(config_from(args.config, **overrides), out=out, figures=args.figures)
     return 0
-
-
-# study -> (module in dit_probe.studies, its run function, its config loader), where not the defaults
-_STUDY_API = {
-    "toy-edits": ("toy_editing", "run", "config_from"),
-    "hsds-ablation": ("ablations", "run_hsds", "hsds_config_from"),
-    "sds-guidance": ("ablations", "run_sds", "sds_config_from"),
-}
 
 
 # which of the study-specific options each study takes
@@ -230,7 +209,16 @@ def _cmd_evaluate_toy(args):
     return 0
 
 
+def _cmd_figures(args):
+    from .figures import regenerate
+
+    regenerate(figures=args.figures, runs=args.runs, only=args.only)
+    return 0
+
+
 def main(argv=None) -> int:
+    from .studies import STUDIES
+
     p = argparse.ArgumentParser(prog="dit-probe", description=__doc__.split("\n")[0] + " Attention recording and "
                                 "probing for SD3 / SD3.5 / Flux / SD2.1 (see README).")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -262,7 +250,7 @@ def main(argv=None) -> int:
     ed.add_argument("--out", default="outputs/edit.png")
     ed.add_argument("--save-direction", help="also save the direction (safetensors) here")
     s = sub.add_parser("run", help="run a study: tables and figures (resumes where it stopped)")
-    s.add_argument("study", choices=list(STUDIES), help="; ".join(f"{k}: {v}" for k, v in STUDIES.items()))
+    s.add_argument("study", choices=list(STUDIES), help="; ".join(f"{k}: {v[3]}" for k, v in STUDIES.items()))
     s.add_argument("--config", help="YAML/JSON settings (see experiments/); command-line options override it")
     s.add_argument("--model", action="append", help="model (repeatable); default: the toy pair")
     s.add_argument("--color", action="append", help="probing: colour word (repeatable)")
@@ -284,6 +272,10 @@ def main(argv=None) -> int:
     s.add_argument("--lpips", help="benchmark: AlexNet weights for LPIPS (a torchvision alexnet state dict, or 'torchvision')")
     s.add_argument("--out", help="results folder (default runs/<study>)")
     s.add_argument("--figures", help="figure folder (default <out>/figures; the README's figures: figures/)")
+    f = sub.add_parser("figures", help="regenerate every toy figure and table into figures/ and write figures/INDEX.md")
+    f.add_argument("--figures", default="figures", help="figure folder")
+    f.add_argument("--runs", default="runs", help="study results (resumable caches)")
+    f.add_argument("--only", action="append", help="only this entry (repeatable): toy-samples or a study name")
     t = sub.add_parser("train-toy", help="train the toy pair (resumable; several hours on 2 CPU cores)")
     t.add_argument("--out", default="runs/toy", help="run folder: checkpoints, loss logs, caches")
     t.add_argument("--stage", action="append", choices=["shared", "data", "mmdit", "unet", "ship"],
@@ -301,7 +293,7 @@ def main(argv=None) -> int:
     e.add_argument("--figure", default=None, help="also write a figure of held-out generations here (e.g. figures/toy-samples.png)")
     args = p.parse_args(argv)
     try:
-        return {"models": _cmd_models, "record": _cmd_record, "demo": _cmd_demo, "edit": _cmd_edit, "run": _cmd_run, "train-toy": _cmd_train_toy,
+        return {"models": _cmd_models, "record": _cmd_record, "demo": _cmd_demo, "edit": _cmd_edit, "run": _cmd_run, "figures": _cmd_figures, "train-toy": _cmd_train_toy,
                 "evaluate-toy": _cmd_evaluate_toy}[args.cmd](args)
     except (KeyError, ValueError, IndexError, FileNotFoundError, RuntimeError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -14,3 +14,6 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     assert maps.words == ["red", "star"] and maps.steps == [0, 24]
     assert scope["red"].shape == (8, 8)
     assert (tmp_path / "outputs/quickstart-maps/maps.safetensors").exists()
+    # the probe works on this tiny grid (chance 0.25) and the edit reaches blue
+    assert scope["scores"]["accuracy"]["value"] >= 0.6
+    assert [r["color"] for r in scope["Judge"]().read(scope["result"].images[0])] == ["red", "blue"]

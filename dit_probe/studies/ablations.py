@@ -35,7 +35,7 @@ class HSDSAblationConfig:
     lams: list[float] = field(default_factory=lambda: [0.1, 0.5, 1.0])
     eta_starts: list[float] = field(default_factory=lambda: [0.05, 0.2])
     iterations: int = 20
-    n: int = 10  # edits per attribute
+    n: int = 8  # edits per attribute
     alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.5])
     strength: float = 0.75
     seed: int = 2

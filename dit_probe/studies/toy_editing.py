@@ -40,7 +40,7 @@ class ToyEditConfig:
     models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
     attributes: list[str] = field(default_factory=lambda: list(EDITABLE))
     modes: list[str] = field(default_factory=lambda: ["eim", "prompt-only", "hsds-only", "dds"])
-    n: int = 50  # edits per attribute
+    n: int = 30  # edits per attribute
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])
     strength: float = 0.75
     seed: int = 0  # scenes, targets and noise

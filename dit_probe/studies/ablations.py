@@ -24,11 +24,12 @@ import numpy as np
 import pandas as pd
 
 from .io import load_config, versions, write_csv, write_json
+from .sources import EditSourceSettings
 from .stats import mean_ci
 
 
 @dataclass
-class HSDSAblationConfig:
+class HSDSAblationConfig(EditSourceSettings):
     models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
     attributes: list[str] = field(default_factory=lambda: ["size", "color"])
     mode: str = "hsds-only"  # or eim: the text side as well
@@ -39,22 +40,13 @@ class HSDSAblationConfig:
     alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.5])
     strength: float = 0.75
     seed: int = 2
-    source: str = "toy"  # toy | celeba (binary attributes flipped, read by the CLIP judge)
-    celeba: str | None = None
-    clip: str | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
     bootstrap: int = 1000
 
     def settings(self):
         return [{"lam": float(lam), "eta_start": float(eta)} for lam in self.lams for eta in self.eta_starts]
 
     def validate(self):
-        from .toy_editing import EDITABLE
-
-        bad = [a for a in self.attributes if a not in EDITABLE]
-        if self.source == "toy" and bad:
-            raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
+        self.check_editable(self.attributes)
         if self.mode not in ("hsds-only", "eim"):
             raise ValueError(f"mode must be 'hsds-only' or 'eim' (the modes that use HSDS), got {self.mode!r}")
         if not self.lams or not self.eta_starts or min(self.eta_starts) <= 0 or min(self.lams) < 0:
@@ -62,7 +54,7 @@ class HSDSAblationConfig:
 
 
 @dataclass
-class SDSGuidanceConfig:
+class SDSGuidanceConfig(EditSourceSettings):
     models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
     attributes: list[str] = field(default_factory=lambda: ["color", "size", "shape"])
     guides: list[str] = field(default_factory=lambda: ["target", "source"])
@@ -70,19 +62,10 @@ class SDSGuidanceConfig:
     alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.5])
     strength: float = 0.75
     seed: int = 3
-    source: str = "toy"  # toy | celeba (binary attributes flipped, read by the CLIP judge)
-    celeba: str | None = None
-    clip: str | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
     bootstrap: int = 1000
 
     def validate(self):
-        from .toy_editing import EDITABLE
-
-        bad = [a for a in self.attributes if a not in EDITABLE]
-        if self.source == "toy" and bad:
-            raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
+        self.check_editable(self.attributes)
         bad = [g for g in self.guides if g not in ("target", "source")]
         if bad:
             raise ValueError(f"guides {bad}: choose 'target' (the target phrase) and/or 'source' (the source caption)")

@@ -36,11 +36,12 @@ import numpy as np
 import pandas as pd
 
 from .io import load_config, read_arrays, versions, write_arrays, write_csv, write_json
+from .sources import EditSourceSettings
 from .stats import mean_ci
 
 
 @dataclass
-class AlphaThresholdConfig:
+class AlphaThresholdConfig(EditSourceSettings):
     models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
     attributes: list[str] = field(default_factory=lambda: ["color", "size", "shape"])
     modes: list[str] = field(default_factory=lambda: ["eim", "prompt-only"])
@@ -49,21 +50,13 @@ class AlphaThresholdConfig:
     strength: float = 0.75
     tolerance: float = 0.1  # collateral change (fraction of other attributes read differently) that counts
     seed: int = 1  # scenes and noise (the toy editing study uses 0: these are other edits)
-    source: str = "toy"  # toy | celeba (edits flip one binary attribute; the CLIP judge reads them)
-    celeba: str | None = None
-    clip: str | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
     batch_size: int | None = None
     bootstrap: int = 1000
 
     def validate(self, source=None):
         from ..editing import MODES
-        from .toy_editing import EDITABLE
 
-        bad = [a for a in self.attributes if a not in EDITABLE]
-        if self.source == "toy" and bad:
-            raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
+        self.check_editable(self.attributes)
         if source is not None:
             for a in self.attributes:
                 source.check(a)

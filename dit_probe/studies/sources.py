@@ -192,3 +192,22 @@ def make_source(kind: str = "toy", celeba=None, attributes=None, clip=None, size
         kwargs = {"clip": clip} if clip else {}
         return CelebASource(celeba, attributes, size=size or 512, **kwargs)
     raise ValueError(f"unknown image source {kind!r}; choose 'toy' or 'celeba'")
+
+
+@dataclass
+class EditSourceSettings:
+    """Settings shared by the studies that edit images: where the images come from and how they are
+    denoised (None keeps the model's default steps and guidance). Subclassed by their configs."""
+
+    source: str = "toy"  # toy | celeba (binary attributes flipped, read by the CLIP judge)
+    celeba: str | None = None  # the CelebA folder
+    clip: str | None = None  # the CLIP judge's model for real images (hub id or folder)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+    def check_editable(self, attributes) -> None:
+        from .toy_editing import EDITABLE
+
+        bad = [a for a in attributes if a not in EDITABLE]
+        if self.source == "toy" and bad:
+            raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")

@@ -12,7 +12,7 @@ FIGURES = Path(__file__).parents[1] / "figures"
 
 def test_every_committed_figure_comes_from_an_entry_and_back():
     made = {f for e in ENTRIES for f in e.files}
-    present = {p.name for p in FIGURES.iterdir()} - {"README.md", "INDEX.md"}
+    present = {p.name for p in FIGURES.iterdir()} - {"README.md", "INDEX.md"}  # the two hand-written files
     assert present == made, f"not made by any entry: {present - made}; missing: {made - present}"
     index = (FIGURES / "INDEX.md").read_text()
     for e in ENTRIES:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import load_config, versions, write_csv, write_json
+from .io import load_config, save_figures, versions, write_csv, write_json
 from .sources import EditSourceSettings
 from .stats import mean_ci
 
@@ -157,14 +157,7 @@ def _run(units, cfg, out, figures, name, keys, plot, log):
     table = _table(summary, keys, max(cfg.alphas))
     (out / "table.md").write_text(table)
     write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1)})
-    fig_dir = Path(figures) if figures else out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    import matplotlib.pyplot as plt
-
-    fig = plot(summary, max(cfg.alphas))
-    fig.savefig(fig_dir / f"{name}.png", dpi=110)
-    plt.close(fig)
-    (fig_dir / f"{name}-table.md").write_text(table)
+    fig_dir = save_figures(out, figures, {f"{name}.png": plot(summary, max(cfg.alphas))}, {f"{name}-table.md": table})
     log(table)
     log(f"results: {out}  figures: {fig_dir}")
     return summary

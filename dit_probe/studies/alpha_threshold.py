@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import load_config, read_arrays, versions, write_arrays, write_csv, write_json
+from .io import load_config, read_arrays, save_figures, versions, write_arrays, write_csv, write_json
 from .sources import EditSourceSettings
 from .stats import mean_ci
 
@@ -328,15 +328,10 @@ def run(cfg: AlphaThresholdConfig, out="runs/alpha-threshold", figures=None, log
     table = markdown_table(th, summary)
     (out / "table.md").write_text(table)
     write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1)})
-    fig_dir = Path(figures) if figures else out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    import matplotlib.pyplot as plt
-
-    for name, fig in (("alpha-threshold-curves.png", plot_curves(summary, th, rows, cfg.tolerance)),
-                      ("alpha-threshold-examples.png", plot_strips(strips, [float(a) for a in cfg.alphas]))):
-        fig.savefig(fig_dir / name, dpi=110)
-        plt.close(fig)
-    (fig_dir / "alpha-threshold-table.md").write_text(table)
+    fig_dir = save_figures(out, figures, {
+        "alpha-threshold-curves.png": plot_curves(summary, th, rows, cfg.tolerance),
+        "alpha-threshold-examples.png": plot_strips(strips, [float(a) for a in cfg.alphas])},
+        {"alpha-threshold-table.md": table})
     log(table)
     log(f"results: {out}  figures: {fig_dir}")
     return th

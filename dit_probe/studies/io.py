@@ -99,3 +99,18 @@ def load_config(cls, path=None, **overrides):
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown} for {cls.__name__}; valid settings: {sorted(fields)}")
     return cls(**values)
+
+
+def save_figures(out, figures=None, images: dict | None = None, texts: dict | None = None, dpi: int = 110) -> Path:
+    """Write a study's figures (matplotlib figures by file name, closed after) and text tables into the
+    figure folder: ``figures`` when given (the README's: figures/), else ``<out>/figures``. Returns it."""
+    import matplotlib.pyplot as plt
+
+    fig_dir = Path(figures) if figures else Path(out) / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for name, fig in (images or {}).items():
+        atomic_write(fig_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, dpi=dpi, format="png"))
+        plt.close(fig)
+    for name, text in (texts or {}).items():
+        atomic_write(fig_dir / name, lambda tmp, text=text: Path(tmp).write_text(text))
+    return fig_dir

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import load_config, versions, write_csv, write_json
+from .io import load_config, save_figures, versions, write_csv, write_json
 from .stats import mean_ci
 
 
@@ -175,14 +175,7 @@ def run(cfg: SDEConfig, out="runs/sde", figures=None, log=print) -> pd.DataFrame
     table = markdown_table(summary, cfg.norm)
     (out / "table.md").write_text(table)
     write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1), "norm": cfg.norm})
-    fig_dir = Path(figures) if figures else out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    import matplotlib.pyplot as plt
-
-    fig = plot_bars(summary)
-    fig.savefig(fig_dir / "sde-table3.png", dpi=110)
-    plt.close(fig)
-    (fig_dir / "sde-table3.md").write_text(table)
+    fig_dir = save_figures(out, figures, {"sde-table3.png": plot_bars(summary)}, {"sde-table3.md": table})
     log(table)
     log(f"results: {out}  figures: {fig_dir}")
     return summary

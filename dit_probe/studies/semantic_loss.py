@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import load_config, read_arrays, versions, write_arrays, write_csv, write_json
+from .io import load_config, read_arrays, save_figures, versions, write_arrays, write_csv, write_json
 from .stats import mean_ci
 
 PROMPTS = ("full", "omit", "empty")
@@ -245,15 +245,9 @@ def run(cfg: SemanticLossConfig, out="runs/semantic-loss", figures=None, log=pri
     table = markdown_table(summary)
     (out / "table.md").write_text(table)
     write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1)})
-    fig_dir = Path(figures) if figures else out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    import matplotlib.pyplot as plt
-
-    for name, fig in (("semantic-loss-curves.png", plot_curves(summary)),
-                      ("semantic-loss-grid.png", plot_grid(examples, list(cfg.strengths)))):
-        fig.savefig(fig_dir / name, dpi=110)
-        plt.close(fig)
-    (fig_dir / "semantic-loss-table.md").write_text(table)
+    fig_dir = save_figures(out, figures, {"semantic-loss-curves.png": plot_curves(summary),
+                                          "semantic-loss-grid.png": plot_grid(examples, list(cfg.strengths))},
+                           {"semantic-loss-table.md": table})
     log(table)
     log(f"results: {out}  figures: {fig_dir}")
     return summary

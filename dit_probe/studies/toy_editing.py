@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import load_config, versions, write_csv, write_json
+from .io import load_config, save_figures, versions, write_csv, write_json
 from .stats import mean_ci
 
 EDITABLE = ("color", "size", "shape")
@@ -277,14 +277,7 @@ def run(cfg: ToyEditConfig, out="runs/toy-edits", figures=None, log=print) -> pd
     (out / "table.md").write_text(table)
     write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1),
                                   "distill": cfg.distill().as_dict()})
-    fig_dir = Path(figures) if figures else out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    import matplotlib.pyplot as plt
-
-    fig = plot_curves(summary)
-    fig.savefig(fig_dir / "editing-toy-curves.png", dpi=110)
-    plt.close(fig)
-    (fig_dir / "editing-toy-table.md").write_text(table)
+    fig_dir = save_figures(out, figures, {"editing-toy-curves.png": plot_curves(summary)}, {"editing-toy-table.md": table})
     write_csv(fig_dir / "editing-toy-summary.csv", summary)
     log(table)
     return summary

@@ -96,8 +96,8 @@ def test_celeba_folder_is_read_and_sampled(tmp_path):
     root = _celeba(tmp_path)
     names, columns, table = read_celeba_attributes(root)
     assert len(names) == 6 and table.shape == (6, 6) and set(np.unique(table)) <= {-1, 1}
-    src = CelebASource(root, ["age", "eyeglasses"], size=64)
-    items = src.sample(4, seed=0)
+    src = CelebASource(root, ["age", "eyeglasses"])
+    items = src.sample(4, seed=0, size=64)
     assert items.images.shape == (4, 64, 64, 3) and items.images.dtype == np.uint8
     for lab in items.labels:
         assert lab["age"] in ("young", "old") and set(lab) == {"age", "eyeglasses"}
@@ -127,7 +127,7 @@ def test_celeba_missing_or_malformed_names_the_expected_files(tmp_path):
         CelebASource(root2, ["hat"])
     (root2 / "img_align_celeba" / "000001.jpg").unlink()
     with pytest.raises(CelebAError, match="000001.jpg .* is not in"):
-        CelebASource(root2, ["age"], size=32).sample(6, seed=0)
+        CelebASource(root2, ["age"]).sample(6, seed=0, size=32)
     with pytest.raises(KeyError, match="unknown CelebA attribute 'smile'"):
         CelebASource(root2, ["smile"])
 

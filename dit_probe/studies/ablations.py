@@ -76,7 +76,7 @@ def _edit_rows(editor, source, attribute, n, seed, alphas, mode, phrases_from="t
     from .alpha_threshold import edit_set
     from .toy_editing import judge_edits
 
-    e = edit_set(source, attribute, n, seed)
+    e = edit_set(source, attribute, n, seed, editor.size)
     captions = [source.caption(lab) for lab in e["sources"]]
     enc = editor.encode(e["rgb"], captions, [seed * 100_000 + i for i in range(n)])
     phrases = e["phrases"] if phrases_from == "target" else captions
@@ -138,8 +138,6 @@ def _run(units, cfg, out, figures, name, keys, plot, log):
             editors.clear()
             editors[model] = EIMEditor(load_pipeline(model), strength=cfg.strength, guidance_scale=cfg.guidance_scale,
                                        num_inference_steps=cfg.num_inference_steps)
-            if hasattr(source, "size"):
-                source.size = editors[model].size
         t0 = time.time()
         frame = fn(editors[model], source)
         frame.insert(0, "model", model)

@@ -121,7 +121,7 @@ def projections(enc, direction, alphas, target_enc=None) -> dict[str, np.ndarray
             "norm": norm.numpy()}
 
 
-def edit_set(source, attribute: str, n: int, seed: int) -> dict:
+def edit_set(source, attribute: str, n: int, seed: int, size: int | None = None) -> dict:
     """The edits of one attribute: source images and labels, target labels, captions, target phrases,
     background masks, and (toy) the target renders. Toy: random scenes with the attribute changed to a
     random other value, exact background masks. CelebA: the binary attribute flipped; no masks (the
@@ -138,7 +138,7 @@ def edit_set(source, attribute: str, n: int, seed: int) -> dict:
                 "targets": [t.attributes for _, t in pairs], "phrases": [phrase_for(t, attribute) for _, t in pairs],
                 "masks": np.stack([background_mask(s, t) for s, t in pairs]),
                 "target_rgb": render_many([t for _, t in pairs])}
-    items = source.sample(n, seed)
+    items = source.sample(n, seed, size=size)
     targets = [{**lab, attribute: source.flip(attribute, lab[attribute])} for lab in items.labels]
     return {"rgb": items.images, "sources": items.labels, "targets": targets,
             "phrases": [source.caption({attribute: t[attribute]}) for t in targets],
@@ -148,7 +148,7 @@ def edit_set(source, attribute: str, n: int, seed: int) -> dict:
 def run_unit(editor, source, attribute: str, mode: str, cfg: AlphaThresholdConfig) -> tuple[pd.DataFrame, np.ndarray]:
     from .toy_editing import judge_edits
 
-    e = edit_set(source, attribute, cfg.n, cfg.seed)
+    e = edit_set(source, attribute, cfg.n, cfg.seed, editor.size)
     seeds = [cfg.seed * 100_000 + i for i in range(cfg.n)]
     captions = [source.caption(lab) for lab in e["sources"]]
     targets = [source.caption(lab) for lab in e["targets"]]
@@ -307,8 +307,6 @@ def run(cfg: AlphaThresholdConfig, out="runs/alpha-threshold", figures=None, log
                 if editor is None:
                     editor = EIMEditor(load_pipeline(model), strength=cfg.strength, batch_size=cfg.batch_size,
                                        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale)
-                    if hasattr(source, "size"):
-                        source.size = editor.size
                 t0 = time.time()
                 frame, strip = run_unit(editor, source, attr, mode, cfg)
                 frame.insert(0, "model", model)

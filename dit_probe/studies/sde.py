@@ -66,7 +66,7 @@ class SDEConfig:
 def run_unit(editor, source, attribute: str, cfg: SDEConfig) -> pd.DataFrame:
     from ..metrics.sde import sde
 
-    items = source.sample(cfg.n, cfg.seed * 7 + list(source.values).index(attribute), binary=attribute)
+    items = source.sample(cfg.n, cfg.seed * 7 + list(source.values).index(attribute), binary=attribute, size=editor.size)
     images = np.repeat(items.images, cfg.seeds, axis=0)
     labels = [lab for lab in items.labels for _ in range(cfg.seeds)]
     flipped_labels = [{**lab, attribute: source.flip(attribute, lab[attribute])} for lab in labels]
@@ -159,8 +159,6 @@ def run(cfg: SDEConfig, out="runs/sde", figures=None, log=print) -> pd.DataFrame
             if editor is None:
                 editor = EIMEditor(load_pipeline(model), strength=cfg.strength, num_inference_steps=cfg.num_inference_steps,
                                    guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
-                if hasattr(source, "size"):
-                    source.size = editor.size
             t0 = time.time()
             frame = run_unit(editor, source, attr, cfg)
             frame.insert(0, "model", model)

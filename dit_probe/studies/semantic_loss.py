@@ -224,9 +224,7 @@ def run(cfg: SemanticLossConfig, out="runs/semantic-loss", figures=None, log=pri
             editor = EIMEditor(pipe, strength=s, num_inference_steps=cfg.num_inference_steps,
                                guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
             if items is None:
-                if hasattr(source, "size"):
-                    source.size = editor.size
-                items = source.sample(cfg.n, cfg.seed)
+                items = source.sample(cfg.n, cfg.seed, size=editor.size)
             t0 = time.time()
             frame, ex = run_unit(editor, source, items, cfg)
             frame.insert(0, "model", model)

@@ -7,8 +7,8 @@ SDE metric run on.
   binary attributes from the annotation file, captions from per-attribute phrases, and a CLIP
   zero-shot judge over the same phrases.
 
-A source gives ``sample(n, seed, attributes)`` -> ``Items`` (uint8 images and one label dict per
-image), ``caption(labels, drop=())``, ``flip(attribute, value)`` and ``judge``.
+A source gives ``sample(n, seed, binary=None, size=None)`` -> ``Items`` (uint8 images at the model's
+size, one label dict per image), ``caption(labels, drop=())``, ``flip(attribute, value)`` and ``judge``.
 """
 
 from __future__ import annotations
@@ -56,10 +56,14 @@ class ToySource:
             raise ValueError(f"{attribute} {value!r} is not in the binary pair {a!r} / {b!r}")
         return b if value == a else a
 
-    def sample(self, n: int, seed: int, binary: str | None = None) -> Items:
-        """n random scenes; with ``binary``, that attribute drawn from its pair (for SDE)."""
+    def sample(self, n: int, seed: int, binary: str | None = None, size: int | None = None) -> Items:
+        """n random scenes; with ``binary``, that attribute drawn from its pair (for SDE). Renders are
+        the toy models' 32x32; another ``size`` is refused (the toy judge reads 32x32 only)."""
         from ..toyworld import render_many, scenes
-        from ..toyworld.world import random_scene
+        from ..toyworld.world import IMAGE_SIZE, random_scene
+
+        if size not in (None, IMAGE_SIZE):
+            raise ValueError(f"toy renders are {IMAGE_SIZE}x{IMAGE_SIZE}; this model works at {size}: use a toy model")
 
         if binary is None:
             items = scenes(n, seed)
@@ -118,9 +122,9 @@ def read_celeba_attributes(folder) -> tuple[list[str], list[str], np.ndarray]:
 class CelebASource:
     name = "celeba"
 
-    def __init__(self, folder, attributes=None, clip="openai/clip-vit-large-patch14", size: int = 512):
+    def __init__(self, folder, attributes=None, clip="openai/clip-vit-large-patch14"):
         """folder: the CelebA root; attributes: names from ``CELEBA_ATTRIBUTES`` (default all six);
-        clip: the CLIP judge's model (hub id, local folder, or a ``Clip``); size: the model's image size."""
+        clip: the CLIP judge's model (hub id, local folder, or a ``Clip``)."""
         self.folder = Path(folder)
         self.files, columns, self.table = read_celeba_attributes(self.folder)
         self.spec = {a: CELEBA_ATTRIBUTES[a] for a in (attributes or CELEBA_ATTRIBUTES) if self._known(a)}
@@ -130,7 +134,7 @@ class CelebASource:
         self.column = {a: columns.index(c) for a, (c, _, _) in self.spec.items()}
         self.images_dir = self.folder / "img_align_celeba" if (self.folder / "img_align_celeba").is_dir() else self.folder
         self.values = {a: (pos, neg) for a, (_, pos, neg) in self.spec.items()}
-        self.size, self._clip, self._judge = size, clip, None
+        self._clip, self._judge = clip, None
 
     @staticmethod
     def _known(attribute):
@@ -160,7 +164,7 @@ class CelebASource:
         pos, neg = self.values[attribute]
         return neg if value == pos else pos
 
-    def _load(self, name) -> np.ndarray:
+    def _load(self, name, size: int) -> np.ndarray:
         from PIL import Image
 
         path = self.images_dir / name
@@ -170,19 +174,20 @@ class CelebASource:
         im = Image.open(path).convert("RGB")
         side = min(im.size)  # centre square crop, then the model's size
         left, top = (im.width - side) // 2, (im.height - side) // 2
-        return np.asarray(im.crop((left, top, left + side, top + side)).resize((self.size, self.size), Image.BICUBIC))
+        return np.asarray(im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC))
 
-    def sample(self, n: int, seed: int, binary: str | None = None) -> Items:
+    def sample(self, n: int, seed: int, binary: str | None = None, size: int | None = None) -> Items:
+        """n random images (centre-cropped, resized to ``size``, default 512) with their labels."""
         if binary is not None:
             self.check(binary)
         if n > len(self.files):
             raise CelebAError(f"asked for {n} images but {self.folder} lists {len(self.files)}")
         rows = np.random.default_rng(seed).choice(len(self.files), n, replace=False)
         labels = [{a: self.values[a][0 if self.table[r, c] > 0 else 1] for a, c in self.column.items()} for r in rows]
-        return Items(np.stack([self._load(self.files[r]) for r in rows]), labels)
+        return Items(np.stack([self._load(self.files[r], size or 512) for r in rows]), labels)
 
 
-def make_source(kind: str = "toy", celeba=None, attributes=None, clip=None, size=None):
+def make_source(kind: str = "toy", celeba=None, attributes=None, clip=None):
     """'toy' or 'celeba' (with the folder)."""
     if kind == "toy":
         return ToySource()
@@ -190,7 +195,7 @@ def make_source(kind: str = "toy", celeba=None, attributes=None, clip=None, size
         if not celeba:
             raise CelebAError(f"source 'celeba' needs the CelebA folder (celeba: PATH), holding {CELEBA_FILES}")
         kwargs = {"clip": clip} if clip else {}
-        return CelebASource(celeba, attributes, size=size or 512, **kwargs)
+        return CelebASource(celeba, attributes, **kwargs)
     raise ValueError(f"unknown image source {kind!r}; choose 'toy' or 'celeba'")
 
 

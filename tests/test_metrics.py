@@ -136,3 +136,15 @@ def test_clip_loads_from_a_local_folder_and_says_what_is_missing(tmp_path, clip)
     np.testing.assert_allclose(loaded.text_embeds(["a red star"]), clip.text_embeds(["a red star"]), atol=1e-6)
     with pytest.raises(FileNotFoundError, match="could not load a CLIP model"):
         Clip(tmp_path / "nothing-here")
+
+
+def test_readings_equal_read_and_scores_for_both_judges(clip):
+    from dit_probe.toyworld import Judge, render_many, scenes
+
+    images = render_many(scenes(6, seed=4))
+    clip_judge = ClipJudge({"expression": {"smiling": "a smiling person", "serious": "a serious person"}}, clip)
+    for judge in (Judge(), clip_judge):
+        reads, scores = judge.readings(images)
+        assert reads == judge.read(images)
+        for a, s in judge.scores(images).items():
+            np.testing.assert_allclose(scores[a], s, atol=1e-6)

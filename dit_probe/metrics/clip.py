@@ -7,7 +7,7 @@
     clip_score(clip, images, ["a photo of a smiling woman", ...])
 
 The judge is the real-image stand-in for the toy world's exact judge: it has the same interface
-(``attributes``, ``scores``, ``read``, ``score``), so every study takes either.
+(``attributes``, ``scores``, ``read``, ``readings``, ``score``), so every study takes either.
 """
 
 from __future__ import annotations
@@ -120,10 +120,14 @@ class ClipJudge:
         return self.scores(images)[attribute][:, list(self.prompts[attribute]).index(value)]
 
     def read(self, images) -> list[dict[str, str]]:
+        return self.readings(images)[0]
+
+    def readings(self, images) -> tuple[list[dict[str, str]], dict[str, np.ndarray]]:
+        """``read`` and ``scores`` from one pass of CLIP over the images."""
         s = self.scores(images)
         names = self.attributes
         n = len(next(iter(s.values())))
-        return [{a: names[a][int(np.argmax(s[a][i]))] for a in s} for i in range(n)]
+        return [{a: names[a][int(np.argmax(s[a][i]))] for a in s} for i in range(n)], s
 
 
 def edit_probability(clip: Clip, images, source_prompts, edit_prompts) -> np.ndarray:

@@ -92,8 +92,7 @@ def run_unit(editor, source, items, cfg: SemanticLossConfig) -> tuple[pd.DataFra
     judge = source.judge
     for kind, omitted, prompts, measured in variants:
         out = editor.reconstruct(enc, prompts)
-        reads = judge.read(out)
-        scores = judge.scores(out)
+        reads, scores = judge.readings(out)
         examples[f"no-{omitted}" if omitted else kind] = out[: cfg.examples * cfg.seeds: cfg.seeds]
         for k, (lab, read) in enumerate(zip(labels, reads)):
             for a in measured:

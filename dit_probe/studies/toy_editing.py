@@ -112,8 +112,7 @@ def judge_edits(judge, images, sources: list[dict], targets: list[dict], attribu
     values = judge.attributes
     n, a = images.shape[:2]
     flat = images.reshape(n * a, *images.shape[2:])
-    reads = judge.read(flat)
-    scores = judge.scores(flat)
+    reads, scores = judge.readings(flat)
     others = [x for x in values if x != attribute]
     rows = []
     for i, (src, tgt) in enumerate(zip(sources, targets)):

@@ -149,6 +149,11 @@ class Judge:
 
     def read(self, images) -> list[dict[str, str | None]]:
         """Hard attribute values per image; colour, shape and size are None when no object is found."""
+        return self.readings(images)[0]
+
+    @torch.no_grad()
+    def readings(self, images) -> tuple[list[dict[str, str | None]], dict[str, np.ndarray]]:
+        """``read`` and ``scores`` from one pass over the images."""
         m = self.measure(images)  # once: scores and the object test share it
         s = self._scores(m)
         found = m["pixels"] >= MIN_OBJECT_PIXELS
@@ -158,7 +163,7 @@ class Judge:
             if not found[i]:
                 row.update(shape=None, color=None, size=None)
             out.append(row)
-        return out
+        return out, s
 
 
 # ----- training the shape classifier -----

@@ -6,6 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
+from .studies import STUDIES
+
 
 def _cmd_models(args):
     from .registry import MODELS
@@ -91,54 +95,48 @@ def _cmd_demo(args):
 
 def _cmd_run(args):
     """A study from a config file and/or command-line settings (command line wins)."""
-    from .studies import study
-
-    out = args.out or f"runs/{args.study}"
-    run, config_from = study(args.study)
-    overrides = {"models": args.model}
-    if args.study == "probing":
-        overrides.update(colors=args.color, objects=args.object, seeds=args.seeds, folds=args.folds,
-                         num_inference_steps=args.steps, device=args.device)
-    elif args.study == "toy-edits":
-        overrides.update(modes=args.mode, n=args.n, attributes=args.attribute)
-    elif args.study == "alpha-threshold":
-        overrides.update(modes=args.mode, n=args.n, attributes=args.attribute, source=args.source,
-                         celeba=args.celeba, clip=args.clip, num_inference_steps=args.steps)
-    elif args.study in ("hsds-ablation", "sds-guidance"):
-        overrides.update(n=args.n, attributes=args.attribute)
-    elif args.study == "benchmark":
-        overrides.update(modes=args.mode, data=args.data, clip=args.clip, lpips=args.lpips, num_inference_steps=args.steps)
-    else:  # semantic-loss, sde
-        overrides.update(n=args.n, seeds=args.seeds, attributes=args.attribute, num_inference_steps=args.steps,
-                         source=args.source, celeba=args.celeba, clip=args.clip)
-        if args.study == "semantic-loss" and args.strength:
-            overrides["strengths"] = args.strength
-        elif args.study == "sde" and args.strength:
-            overrides["strength"] = args.strength[0]
-    unused = [name for name, value in (("--color", args.color), ("--object", args.object), ("--folds", args.folds),
-                                       ("--device", args.device), ("--mode", args.mode), ("--source", args.source),
-                                       ("--celeba", args.celeba), ("--clip", args.clip), ("--strength", args.strength),
-                                       ("--data", args.data), ("--lpips", args.lpips))
-              if value is not None and name.lstrip("-") not in _OPTIONS[args.study]]
-    if unused:
-        verb = "does" if len(unused) == 1 else "do"
-        raise ValueError(f"{', '.join(unused)} {verb} not apply to the {args.study} study; its own options: "
-                         + ", ".join("--" + o for o in sorted(_OPTIONS[args.study])))
-    run(config_from(args.config, **overrides), out=out, figures=args.figures)
+    study = STUDIES[args.study]
+    overrides = {name: getattr(args, name) for name in study.config.model_fields}
+    cfg = study.config_from(args.config, **overrides)
+    study.run(cfg, out=args.out, figures=args.figures, quiet=args.quiet)
     return 0
 
 
-# which of the study-specific options each study takes
-_OPTIONS = {
-    "probing": {"color", "object", "folds", "device"},
-    "toy-edits": {"mode"},
-    "alpha-threshold": {"mode", "source", "celeba", "clip"},
-    "semantic-loss": {"source", "celeba", "clip", "strength"},
-    "sde": {"source", "celeba", "clip", "strength"},
-    "benchmark": {"mode", "data", "clip", "lpips"},
-    "hsds-ablation": set(),
-    "sds-guidance": set(),
-}
+def _value(text: str):
+    """A command-line value read as YAML (4 -> int, 0.5 -> float, true -> bool, null -> None); the config's
+    types then validate it."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _flags(name: str, fields, is_list: bool) -> list[str]:
+    """--field-name, plus a singular for list fields (--model for models) and --steps for the number of
+    denoising steps, where they name no other field."""
+    flags = ["--" + name.replace("_", "-")]
+    alias = {"num_inference_steps": "steps"}.get(name) or (name[:-1] if is_list and name.endswith("s") else None)
+    if alias and alias not in fields:
+        flags.insert(0, "--" + alias.replace("_", "-"))
+    return flags
+
+
+def _add_study_parsers(sub) -> None:
+    run = sub.add_parser("run", help="run a study: tables and figures (cached by settings, resumes where it stopped)")
+    studies = run.add_subparsers(dest="study", required=True, metavar="STUDY")
+    for name, study in STUDIES.items():
+        p = studies.add_parser(name, help=study.help, description=f"{study.help}. Settings come from --config and "
+                               "the options below (which override it); see experiments/ and docs/studies.md.")
+        p.add_argument("--config", help="YAML/JSON settings (see experiments/)")
+        p.add_argument("--out", help=f"results folder (default runs/{name})")
+        p.add_argument("--figures", help="figure folder (default <out>/figures; the README's figures: figures/)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+        fields = study.config.model_fields
+        for field, info in fields.items():
+            is_list = "list" in str(info.annotation)
+            default = info.get_default(call_default_factory=True)
+            p.add_argument(*_flags(field, fields, is_list), dest=field, type=_value, action="append" if is_list else "store",
+                           metavar="VALUE", help=f"{'repeatable; ' if is_list else ''}default {default!r}")
 
 
 def _cmd_edit(args):
@@ -217,8 +215,6 @@ def _cmd_figures(args):
 
 
 def main(argv=None) -> int:
-    from .studies import STUDIES
-
     p = argparse.ArgumentParser(prog="dit-probe", description=__doc__.split("\n")[0] + " Attention recording and "
                                 "probing for SD3 / SD3.5 / Flux / SD2.1 (see README).")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -249,29 +245,7 @@ def main(argv=None) -> int:
     ed.add_argument("--seed", type=int, default=0)
     ed.add_argument("--out", default="outputs/edit.png")
     ed.add_argument("--save-direction", help="also save the direction (safetensors) here")
-    s = sub.add_parser("run", help="run a study: tables and figures (resumes where it stopped)")
-    s.add_argument("study", choices=list(STUDIES), help="; ".join(f"{k}: {v[3]}" for k, v in STUDIES.items()))
-    s.add_argument("--config", help="YAML/JSON settings (see experiments/); command-line options override it")
-    s.add_argument("--model", action="append", help="model (repeatable); default: the toy pair")
-    s.add_argument("--color", action="append", help="probing: colour word (repeatable)")
-    s.add_argument("--object", action="append", help="probing: object word (repeatable)")
-    s.add_argument("--seeds", type=int, help="probing: seeds per (colour, object); semantic-loss, sde: noise samples per image")
-    s.add_argument("--folds", type=int, help="probing: cross-validation folds (grouped by seed)")
-    s.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    s.add_argument("--device", help="probing: cuda / cpu (default: cuda when available)")
-    s.add_argument("--mode", action="append", help="toy-edits, alpha-threshold, benchmark: editing mode (repeatable)")
-    s.add_argument("--n", type=int, help="edits per attribute, or images (semantic-loss, sde)")
-    s.add_argument("--attribute", action="append", help="attribute (repeatable): toy color/shape/size/background, "
-                   "CelebA age/gender/expression/hair/eyeglasses/hat")
-    s.add_argument("--strength", type=float, action="append",
-                   help="semantic-loss: forward strength (repeatable); sde: the forward timestep as a fraction")
-    s.add_argument("--source", choices=["toy", "celeba"], help="semantic-loss, sde, alpha-threshold: images with known attributes")
-    s.add_argument("--celeba", help="CelebA folder (list_attr_celeba.txt, img_align_celeba/) for --source celeba")
-    s.add_argument("--clip", help="CLIP model for real images: the judge, CLIPScore (hub id or local folder)")
-    s.add_argument("--data", help="benchmark: a ZOPIE-style folder (index.jsonl); default: the toy benchmark")
-    s.add_argument("--lpips", help="benchmark: AlexNet weights for LPIPS (a torchvision alexnet state dict, or 'torchvision')")
-    s.add_argument("--out", help="results folder (default runs/<study>)")
-    s.add_argument("--figures", help="figure folder (default <out>/figures; the README's figures: figures/)")
+    _add_study_parsers(sub)
     f = sub.add_parser("figures", help="regenerate every toy figure and table into figures/ and write figures/INDEX.md")
     f.add_argument("--figures", default="figures", help="figure folder")
     f.add_argument("--runs", default="runs", help="study results (resumable caches)")
@@ -295,7 +269,7 @@ def main(argv=None) -> int:
     try:
         return {"models": _cmd_models, "record": _cmd_record, "demo": _cmd_demo, "edit": _cmd_edit, "run": _cmd_run, "figures": _cmd_figures, "train-toy": _cmd_train_toy,
                 "evaluate-toy": _cmd_evaluate_toy}[args.cmd](args)
-    except (KeyError, ValueError, IndexError, FileNotFoundError, RuntimeError) as err:
+    except (KeyError, ValueError, IndexError, FileNotFoundError, RuntimeError) as err:  # ConfigError is a ValueError
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dit-probe {args.cmd}: error: {msg}", file=sys.stderr)
         return 2

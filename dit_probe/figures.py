@@ -11,6 +11,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+
+from .io import write_text
+from .registry import load_pipeline
+from .studies import STUDIES
+from .toyworld.evaluate import sample_figure
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,25 +29,10 @@ class Entry:
     files: tuple[str, ...]
 
 
-ENTRIES = (
-    Entry("toy-samples", "", "the toy pair (DESIGN section 4): held-out generations with the judge's readings",
-          ("toy-samples.png",)),
-    Entry("probing", "probing-toy.yaml", "Fig. 7: colour probes on colour- and object-word attention maps",
-          ("probing-fig7.png", "probing-layers-steps.png", "probing-example-maps.png")),
-    Entry("semantic-loss", "semantic-loss-toy.yaml", "Fig. 13: attributes lost with forward strength when unnamed",
-          ("semantic-loss-curves.png", "semantic-loss-grid.png", "semantic-loss-table.md")),
-    Entry("alpha-threshold", "alpha-threshold-toy.yaml", "Fig. 10: edit degree alpha vs collateral change",
-          ("alpha-threshold-curves.png", "alpha-threshold-examples.png", "alpha-threshold-table.md")),
-    Entry("sde", "sde-toy.yaml", "Table 3: the SDE metric per model and attribute", ("sde-table3.png", "sde-table3.md")),
-    Entry("toy-edits", "toy-edits.yaml", "sections 3.1, 5.2: EIM and ablations, bidirectional edits",
-          ("editing-toy-curves.png", "editing-toy-table.md", "editing-toy-summary.csv")),
-    Entry("benchmark", "benchmark-toy.yaml", "Table 2: background PSNR/SSIM, judge P(target), graded-edit score",
-          ("benchmark-table2.md", "benchmark-table2.csv")),
-    Entry("hsds-ablation", "hsds-ablation-toy.yaml", "Fig. 11: HSDS lambda and step size",
-          ("hsds-ablation.png", "hsds-ablation-table.md")),
-    Entry("sds-guidance", "sds-guidance-toy.yaml", "Fig. 12: SDS guided by the target vs the source prompt",
-          ("sds-guidance.png", "sds-guidance-table.md")),
-)
+# every study with a toy config is an entry; nothing here repeats what the study declares
+ENTRIES = (Entry("toy-samples", "", "the toy pair (docs/design.md, section 4): held-out generations with the judge's "
+                 "readings", ("toy-samples.png",)),) + tuple(
+    Entry(s.name, s.toy_config, s.paper, s.figure_files) for s in STUDIES.values() if s.toy_config)
 
 
 def command(entry: Entry, figures="figures") -> str:
@@ -50,11 +42,6 @@ def command(entry: Entry, figures="figures") -> str:
 
 
 def _toy_samples(figures: Path):
-    import matplotlib.pyplot as plt
-
-    from .registry import load_pipeline
-    from .toyworld.evaluate import sample_figure
-
     fig = sample_figure({m: load_pipeline(m) for m in ("toy-mmdit", "toy-unet")})
     fig.savefig(figures / "toy-samples.png", dpi=130)
     plt.close(fig)
@@ -72,21 +59,18 @@ def write_index(figures: Path, seconds: dict | None = None) -> Path:
     if seconds and all(e.name in seconds for e in ENTRIES):
         lines += ["", f"All entries together: {sum(seconds.values()) / 60:.1f} minutes (2 CPU cores, no GPU), "
                   "plus the install on a fresh clone."]
-    path = figures / "INDEX.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text(figures / "INDEX.md", "\n".join(lines) + "\n")
 
 
-def regenerate(figures="figures", runs="runs", only=None, log=print) -> dict:
+def regenerate(figures="figures", runs="runs", only=None, log=None) -> dict:
     """Run every entry (or those in ``only``); returns the seconds of the entries computed from scratch.
     INDEX.md keeps the minutes of the last run that computed an entry from scratch (no runs/<study>)."""
-    from .studies import study
-
     figures, runs = Path(figures), Path(runs)
     figures.mkdir(parents=True, exist_ok=True)
     unknown = sorted(set(only or ()) - {e.name for e in ENTRIES})
     if unknown:
         raise ValueError(f"unknown figure entries {unknown}; entries: {', '.join(e.name for e in ENTRIES)}")
+    log = log or print
     seconds = {}
     for e in ENTRIES:
         if only and e.name not in only:
@@ -97,8 +81,8 @@ def regenerate(figures="figures", runs="runs", only=None, log=print) -> dict:
         if e.name == "toy-samples":
             _toy_samples(figures)
         else:
-            run, config_from = study(e.name)
-            run(config_from(ROOT / "experiments" / e.config), out=runs / e.name, figures=figures, log=log)
+            s = STUDIES[e.name]
+            s.run(s.config_from(ROOT / "experiments" / e.config), out=runs / e.name, figures=figures, log=log)
         took = time.time() - t0
         if fresh:
             seconds[e.name] = took
@@ -120,3 +104,20 @@ def _read_minutes(index: Path) -> dict:
                 if cell:
                     out[e.name] = float(cell) * 60
     return out
+
+
+def experiments_index() -> str:
+    """experiments/README.md, made from the study registry (a test keeps the committed file equal to it)."""
+    lines = ["# experiments/", "",
+             "One config per paper figure or table, in two flavours: `-toy.yaml` runs on a CPU with the toy pair",
+             "(`dit-probe figures` runs all of them), `-paper.yaml` names the real models and the paper's settings",
+             "(CFG 7.5, 50 steps, strength 0.75; a GPU, the weights, and for some a CelebA or ZOPIE-style folder).",
+             "Run any of them with `dit-probe run <study> --config FILE`; command-line options override the file",
+             "(`dit-probe run <study> --help` lists them). Every config is validated by the test suite. How results",
+             "are cached, resumed and sharded: [docs/studies.md](../docs/studies.md).", "",
+             "This file is generated from the study registry (`dit_probe.figures.experiments_index`).", "",
+             "| paper | study | what it measures | toy (CPU) | paper (GPU) |", "|---|---|---|---|---|"]
+    for s in STUDIES.values():
+        link = lambda f: f"[{f}]({f})" if f else "–"  # noqa: E731
+        lines.append(f"| {s.paper.split(':')[0]} | `{s.name}` | {s.help} | {link(s.toy_config)} | {link(s.paper_config)} |")
+    return "\n".join(lines) + "\n"

@@ -3,7 +3,9 @@ or a pipeline object passed through."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -89,6 +91,25 @@ def _settings_for(name: str, pipe, folder: Path | None) -> dict:
             out["max_sequence_length"] = T5_MAX_LENGTH
         return out
     return {}
+
+
+@lru_cache(maxsize=None)
+def model_identity(name: str) -> str:
+    """What a cached result computed with this model depends on: the weights' checksums of a shipped toy
+    model or a local folder (so retrained weights never reuse old results), else the name (a hub id or a
+    tiny pipeline, which is built from a fixed seed)."""
+    folder = _toy_folder(name) or (Path(name) if Path(name).is_dir() else None)
+    if folder is None:
+        return MODELS[name].hub_id if name in MODELS else name
+    from .io import sha256
+
+    def digest(p: Path) -> str:  # real checkpoints are GBs: their size and time stand in for a checksum
+        st = p.stat()
+        return sha256(p) if st.st_size < 64 << 20 else f"{st.st_size}:{st.st_mtime_ns}"
+
+    digests = [f"{p.relative_to(folder)}:{digest(p)}" for p in sorted(folder.rglob("*"))
+               if p.suffix in (".safetensors", ".bin", ".json") and p.name != "quality.json"]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
 
 
 def load_pipeline(name_or_path, torch_dtype=None, device=None, **kwargs):

@@ -104,7 +104,7 @@ def test_conversions_are_consistent(pipes, name):
 
 
 def test_strength_maps_to_different_noise_levels_across_families(pipes):
-    """DESIGN section 2: SD3 (shift 3) at strength 0.75 is much noisier than SD2.1 at 0.75."""
+    """docs/design.md, section 2: SD3 (shift 3) at strength 0.75 is much noisier than SD2.1 at 0.75."""
     sd3, unet = get_adapter(pipes("tiny-sd3")), get_adapter(pipes("tiny-unet"))
     t_sd3, t_unet = sd3.set_timesteps(50, 0.75)[0], unet.set_timesteps(50, 0.75)[0]
     assert abs(float(sd3.sigma(t_sd3)) - 0.90) < 0.01
@@ -154,3 +154,95 @@ def test_edit_timesteps_match_the_diffusers_img2img_pipeline(pipes, name, steps,
     ad.set_timesteps(steps, 1.0, latents=torch.zeros(1, 4, 16, 16))  # the scheduler as the pipeline sets it
     theirs, n = i2i.get_timesteps(steps, strength, "cpu")
     assert torch.equal(ours, theirs) and len(ours) == n
+
+
+# ----- word -> token positions, pure: token lists built by hand, no model -----
+from dit_probe.adapters import StreamTokens, locate_word  # noqa: E402
+
+# "a red giraffe": CLIP-like (BOS at position 0, EOS, padding with the EOS token) and T5-like
+# (no BOS) streams; the T5 stream sits after 8 CLIP positions in the denoiser's text sequence.
+GIRAFFE = "a red giraffe"
+CLIP = StreamTokens(
+    "clip", 0,
+    ["<|startoftext|>", "a</w>", "red</w>", "gir", "affe</w>", "<|endoftext|>", "<|endoftext|>", "<|endoftext|>"],
+    [(0, 0), (0, 1), (2, 5), (6, 9), (9, 13), (0, 0), (0, 0), (0, 0)],
+    pad="<|endoftext|>",
+)
+T5 = StreamTokens(
+    "t5", 8,
+    ["▁a", "▁red", "▁gir", "affe", "</s>", "<pad>", "<pad>"],
+    [(0, 1), (2, 5), (6, 9), (9, 13), (0, 0), (0, 0), (0, 0)],
+    pad="<pad>",
+)
+
+
+def test_locate_word_counts_the_bos_token_and_the_stream_offset():
+    # CLIP: <bos> a red -> 2 (not 1: BOS is a position); T5: offset 8 + index 1 -> 9 (not 1)
+    assert locate_word(GIRAFFE, "red", [CLIP, T5]) == {"clip": [2], "t5": [9]}
+    assert locate_word(GIRAFFE, "a", [CLIP, T5]) == {"clip": [1], "t5": [8]}
+    assert locate_word(GIRAFFE, "RED", [T5]) == {"t5": [9]}  # case-insensitive
+
+
+def test_locate_word_split_word_takes_every_piece_or_is_refused():
+    assert locate_word(GIRAFFE, "giraffe", [CLIP, T5]) == {"clip": [3, 4], "t5": [10, 11]}
+    assert locate_word(GIRAFFE, "red giraffe", [CLIP]) == {"clip": [2, 3, 4]}
+    with pytest.raises(ValueError, match=r"splits 'giraffe'.*'gir', 'affe</w>'.*'▁gir', 'affe'"):
+        locate_word(GIRAFFE, "giraffe", [CLIP, T5], split_words="refuse")
+    with pytest.raises(ValueError, match="splits 'red giraffe'"):
+        locate_word(GIRAFFE, "red giraffe", [CLIP], split_words="refuse")
+    # one token per word is not a split, also for a phrase
+    assert locate_word(GIRAFFE, "a red", [CLIP, T5], split_words="refuse") == {"clip": [1, 2], "t5": [8, 9]}
+    with pytest.raises(ValueError, match="split_words must be"):
+        locate_word(GIRAFFE, "red", [CLIP], split_words="max")
+
+
+def test_locate_word_repeated_word_is_its_first_occurrence():
+    prompt = "a red car and a red hat"
+    words = ["a", "red", "car", "and", "a", "red", "hat"]
+    spans = [(0, 1), (2, 5), (6, 9), (10, 13), (14, 15), (16, 19), (20, 23)]
+    clip = StreamTokens("clip", 0, ["<|startoftext|>"] + [w + "</w>" for w in words] + ["<|endoftext|>"],
+                        [(0, 0)] + spans + [(0, 0)])
+    assert locate_word(prompt, "red", [clip]) == {"clip": [2]}  # not [6], not [2, 6]
+    assert locate_word(prompt, "red hat", [clip]) == {"clip": [6, 7]}  # the phrase occurs once, later
+
+
+def test_locate_word_absent_word_is_a_clear_error():
+    with pytest.raises(KeyError) as err:
+        locate_word(GIRAFFE, "bus", [CLIP, T5])
+    msg = str(err.value)
+    assert "word 'bus' is not in prompt 'a red giraffe'" in msg
+    assert "clip: ['<|startoftext|>', 'a</w>', 'red</w>', 'gir', 'affe</w>']" in msg  # padding dropped
+    assert "t5: ['▁a', '▁red', '▁gir', 'affe', '</s>']" in msg
+    with pytest.raises(KeyError, match="'gir' is not in prompt"):  # whole words only: not inside 'giraffe'
+        locate_word(GIRAFFE, "gir", [CLIP, T5])
+    with pytest.raises(ValueError, match="prompt is empty"):
+        locate_word("  ", "red", [CLIP])
+
+
+def test_locate_word_truncated_in_one_stream_only_keeps_the_other():
+    clip = StreamTokens("clip", 0, ["<|startoftext|>", "a</w>", "red</w>", "<|endoftext|>"],
+                        [(0, 0), (0, 1), (2, 5), (0, 0)])  # 'giraffe' truncated away
+    assert locate_word(GIRAFFE, "giraffe", [clip, T5]) == {"t5": [10, 11]}
+    with pytest.raises(KeyError, match="truncated"):
+        locate_word(GIRAFFE, "giraffe", [clip])
+
+
+def test_word_positions_is_locate_word_on_the_pipelines_tokenization(pipes):
+    ad = get_adapter(pipes("tiny-sd3"))
+    prompt = "a purple giraffe on a bicycle"
+    streams = ad.tokenize(prompt, text_len=32)
+    assert [(s.name, s.offset, len(s.tokens)) for s in streams] == [("clip", 0, 16), ("t5", 16, 16)]
+    assert ad.word_positions(prompt, "giraffe", text_len=32) == locate_word(prompt, "giraffe", streams)
+    assert ad.tokens(prompt, text_len=32) == {s.name: s.visible() for s in streams}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_denoiser_call_arguments_are_read_by_the_adapter(pipes, name):
+    """The recorder asks the adapter for the latent input: 'sample' for UNets (often positional),
+    'hidden_states' for transformers."""
+    ad = get_adapter(pipes(name))
+    x = torch.zeros(3, 4, 8, 8)
+    key = "sample" if ad.family == "unet" else "hidden_states"
+    assert ad.latent_input((), {key: x}) is x and ad.latent_input((x,), {}) is x
+    assert ad.batch_rows((), {key: x, "encoder_hidden_states": torch.zeros(1, 5, 2)}) == 3
+    assert ad.encoded_prompt(("a red car",), {}) == "a red car" == ad.encoded_prompt((), {"prompt": "a red car"})

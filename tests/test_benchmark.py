@@ -124,9 +124,9 @@ def test_bad_benchmark_folders_say_what_is_wrong(tmp_path):
     with pytest.raises(bm.BenchmarkFormatError, match="line 2 is not JSON"):
         bm.read_benchmark(tmp_path / "b")
     with pytest.raises(ValueError, match="report_alpha 2"):
-        bm.BenchmarkConfig(report_alpha=2).validate()
+        bm.BenchmarkConfig(report_alpha=2).check()
     with pytest.raises(ValueError, match="needs clip"):
-        bm.BenchmarkConfig(judge="clip").validate()
+        bm.BenchmarkConfig(judge="clip").check()
 
 
 # ----- the runner -----

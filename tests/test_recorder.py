@@ -361,3 +361,87 @@ def test_per_prompt_words_record_each_prompts_own_word(pipes, name):
     with pytest.raises(ValueError, match="one word per prompt"):
         with record(pipe, words={"thing": ["blue"]}):
             generate(pipe, PROMPTS, steps=1)
+
+
+# ----- word/token positions -> weights, pure -----
+def test_token_weights_map_each_rows_positions_to_their_columns():
+    from dit_probe.attention.recorder import token_weights
+
+    # row 0: a word split into positions 3 and 4, and token index 9; row 1: the word at 5, index 9 absent
+    cols, w = token_weights([[[3, 4], [9]], [[5], []]], n_targets=2)
+    assert cols.tolist() == [3, 4, 5, 9]
+    assert w.tolist() == [[[1, 1, 0, 0], [0, 0, 0, 1]], [[0, 0, 1, 0], [0, 0, 0, 0]]]
+    # as the recorder applies them: a split word's map is the sum of its pieces' probabilities
+    probs = torch.tensor([[[[0.1, 0.2, 0.3, 0.4]]], [[[0.5, 0.6, 0.7, 0.8]]]])  # (rows, heads, n, cols)
+    maps = torch.einsum("rhnc,rtc->rhtn", probs, w)
+    assert torch.allclose(maps[:, 0, :, 0], torch.tensor([[0.1 + 0.2, 0.4], [0.7, 0.0]]))
+    cols, w = token_weights([], n_targets=2)  # a call with no selected rows
+    assert cols.tolist() == [] and w.shape == (0, 2, 0)
+
+
+# ----- processors: swapped with set_processor, every one restored -----
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_module_gets_its_own_original_processor_object_back_after_an_exception(pipes, name):
+    pipe = pipes(name)
+    ad = get_adapter(pipe)
+    mods = {s.path: ad.module(s) for s in ad.sites()}
+    before = {path: m.processor for path, m in mods.items()}
+    with pytest.raises(ZeroDivisionError):
+        with record(pipe, words=["red"], layers=[s.name for s in ad.sites(recordable_only=True)]):
+            assert all(mods[s.path].processor is not before[s.path] for s in ad.sites(recordable_only=True))
+            generate(pipe, PROMPTS[:1], steps=1)
+            raise ZeroDivisionError("raised inside the context")
+    for path, m in mods.items():
+        assert m.processor is before[path], path
+
+
+def test_failure_while_entering_undoes_the_swaps_already_made(pipes):
+    pipe = pipes("tiny-sd3")
+    ad = get_adapter(pipe)
+    sites = ad.sites(recordable_only=True)
+    before = [ad.module(s).processor for s in sites]
+    second = ad.module(sites[1])
+
+    def refuse(processor):
+        raise RuntimeError("cannot set this processor")
+
+    second.set_processor = refuse  # an instance attribute: the class's method is back after del
+    try:
+        with pytest.raises(RuntimeError, match="cannot set this processor"):
+            record(pipe, words=["red"]).__enter__()
+    finally:
+        del second.set_processor
+    assert [ad.module(s).processor for s in sites] == before
+    assert all(ad.module(s).processor is p for s, p in zip(sites, before))
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    assert "encode_prompt" not in pipe.__dict__
+    assert not ad.denoiser._forward_pre_hooks
+
+
+def test_a_processor_that_is_an_nn_module_is_swapped_and_restored(pipes):
+    """Processors with weights (IP-adapter ones) are child modules of the attention module; swapping
+    them by plain attribute assignment fails, diffusers' set_processor handles them."""
+
+    class WeightedProcessor(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.gain = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw) * self.gain
+
+    pipe = pipes("tiny-unet")
+    ad = get_adapter(pipe)
+    site = ad.sites()[0]
+    mod = ad.module(site)
+    original = mod.processor
+    weighted = WeightedProcessor(original)
+    mod.set_processor(weighted)
+    try:
+        with record(pipe, words=["red"], layers=[site.name]) as maps:
+            generate(pipe, PROMPTS[:1], steps=1)
+        assert maps.tensor().shape[1] == 1
+        assert mod.processor is weighted and mod._modules["processor"] is weighted  # registered again
+    finally:
+        mod.set_processor(original)

@@ -136,16 +136,17 @@ def test_celeba_missing_or_malformed_names_the_expected_files(tmp_path):
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys):
     for bad in (0.0, 1.2, -0.1):
         with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
-            sl.SemanticLossConfig(strengths=[0.15, bad]).validate()
+            sl.SemanticLossConfig(strengths=[0.15, bad]).check()
         with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
-            sde_study.SDEConfig(strength=bad).validate()
+            sde_study.SDEConfig(strength=bad).check()
     with pytest.raises(KeyError, match="toy judge knows the attributes .* not 'smile'"):
-        sl.SemanticLossConfig(attributes=["color", "smile"]).validate(ToySource())
+        sl.run(sl.SemanticLossConfig(attributes=["color", "smile"]), out=tmp_path / "sl0")
+    assert not (tmp_path / "sl0").exists()
     with pytest.raises(KeyError, match="not 'hat'"):
         sde_study.run(sde_study.SDEConfig(attributes=["hat"]), out=tmp_path / "sde")
     assert not (tmp_path / "sde").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="include 0 .* negative and positive"):
-        at.AlphaThresholdConfig(alphas=[0, 1, 2]).validate()
+        at.AlphaThresholdConfig(alphas=[0, 1, 2]).check()
     with pytest.raises(CelebAError, match="needs the CelebA folder"):
         sl.run(sl.SemanticLossConfig(source="celeba"), out=tmp_path / "sl")
     assert main(["run", "semantic-loss", "--strength", "1.5", "--out", str(tmp_path / "x")]) == 2
@@ -154,8 +155,9 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, capsys):
     assert "not 'smile'" in capsys.readouterr().err
     assert main(["run", "sde", "--source", "celeba", "--celeba", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "list_attr_celeba.txt" in capsys.readouterr().err
-    assert main(["run", "sde", "--folds", "3"]) == 2
-    assert "does not apply to the sde study" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # an option of another study is refused, never ignored
+        main(["run", "sde", "--folds", "3"])
+    assert err.value.code == 2 and "unrecognized arguments: --folds 3" in capsys.readouterr().err
 
 
 # ----- reduced toy runs -----
@@ -177,8 +179,8 @@ def test_semantic_loss_toy_run_loses_unnamed_attributes_and_resumes(tmp_path):
     assert "| toy-mmdit | color |" in (tmp_path / "fig" / "semantic-loss-table.md").read_text()
     assert {"config.json", "run.json", "retention.csv", "summary.csv"} <= {p.name for p in out.iterdir()}
     # resume: a missing unit is recomputed identically, the other is read back untouched
-    unit = out / "toy-mmdit" / "strength-0.95.csv"
-    kept = out / "toy-mmdit" / "strength-0.15.csv"
+    [unit] = (out / "units" / "toy-mmdit").glob("0.95-*.csv")
+    [kept] = (out / "units" / "toy-mmdit").glob("0.15-*.csv")
     before, stamp = pd.read_csv(unit), kept.stat().st_mtime_ns
     unit.unlink()
     again = sl.run(cfg, out=out, figures=tmp_path / "fig", log=lambda *a: None)
@@ -262,7 +264,7 @@ def test_every_experiment_config_loads_and_validates(path):
     name = next(k for k in sorted(loaders, key=len, reverse=True) if path.name.startswith(k))
     cfg = loaders[name](path)
     if hasattr(cfg, "validate"):
-        cfg.validate()
+        cfg.check()
 
 
 def test_ablation_studies_on_the_toy_model(tmp_path):

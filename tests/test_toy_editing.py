@@ -6,6 +6,7 @@ import pytest
 
 from dit_probe.metrics import psnr
 from dit_probe.studies import toy_editing as te
+from dit_probe.studies.sources import EDITABLE, background_mask, phrase_for, toy_edit_pairs
 from dit_probe.toyworld import ATTRIBUTES, BACKGROUNDS, render
 
 
@@ -24,26 +25,26 @@ def test_psnr_known_values_and_masks():
 
 
 def test_edit_pairs_differ_in_exactly_the_edited_attribute():
-    for attr in te.EDITABLE:
-        pairs = te.edit_set(attr, 20, seed=0)
-        assert pairs == te.edit_set(attr, 20, seed=0)  # deterministic
+    for attr in EDITABLE:
+        pairs = toy_edit_pairs(attr, 20, seed=0)
+        assert pairs == toy_edit_pairs(attr, 20, seed=0)  # deterministic
         for s, t in pairs:
             assert getattr(s, attr) != getattr(t, attr)
             assert all(getattr(s, x) == getattr(t, x) for x in ATTRIBUTES if x != attr) and (s.cx, s.cy) == (t.cx, t.cy)
-    s, t = te.edit_set("size", 1, seed=3)[0]
-    mask = te.background_mask(s, t)
+    s, t = toy_edit_pairs("size", 1, seed=3)[0]
+    mask = background_mask(s, t)
     bg = np.array(BACKGROUNDS[s.background])
     assert (render(s)[mask] == bg).all() and (render(t)[mask] == bg).all() and 0 < mask.mean() < 1
-    assert te.phrase_for(t, "color") == f"a {t.color} shape" and te.phrase_for(t, "shape") == f"a {t.shape}"
+    assert phrase_for(t, "color") == f"a {t.color} shape" and phrase_for(t, "shape") == f"a {t.shape}"
 
 
 def test_bad_study_settings_are_refused():
     with pytest.raises(ValueError, match="cannot be edited"):
-        te.ToyEditConfig(attributes=["background"]).validate()
+        te.ToyEditConfig(attributes=["background"]).check()
     with pytest.raises(ValueError, match="must include 1.0"):
-        te.ToyEditConfig(alphas=[0.0, 0.5]).validate()
+        te.ToyEditConfig(alphas=[0.0, 0.5]).check()
     with pytest.raises(ValueError, match="not available"):
-        te.ToyEditConfig(modes=["reference"]).validate()
+        te.ToyEditConfig(modes=["reference"]).check()
 
 
 def test_small_toy_edit_run_measures_and_resumes(tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Adapter, AttentionSite, Conditioning, TextStream
+from .base import Adapter, AttentionSite, Conditioning, StreamTokens, TextStream, locate_word
 from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
@@ -28,4 +28,4 @@ def get_adapter(pipe) -> Adapter:
     return _BY_DENOISER[name](pipe)
 
 
-__all__ = ["Adapter", "AttentionSite", "Conditioning", "TextStream", "get_adapter", "SD3Adapter", "FluxAdapter", "UNetAdapter"]
+__all__ = ["Adapter", "AttentionSite", "Conditioning", "StreamTokens", "TextStream", "get_adapter", "locate_word", "SD3Adapter", "FluxAdapter", "UNetAdapter"]

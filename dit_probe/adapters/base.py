@@ -3,7 +3,9 @@
 An adapter wraps a diffusers pipeline and answers, for its family:
 - where attention lives (``sites``: canonical names -> modules, with their kind and token layout);
 - which text streams the denoiser sees and where each sits in its text sequence (``streams``);
-- which token positions a word of a prompt occupies in each stream (``word_positions``);
+- which token positions a word of a prompt occupies in each stream (``word_positions``: the
+  pipeline's tokenizers, then the pure ``locate_word``);
+- where a denoiser call carries its arguments (``latent_input``, ``text_length``, ``timestep_of``);
 - which CFG branch each batch row of a denoiser call belongs to (``branches``);
 - the image-token grid of a denoiser call (``image_grid``);
 - the model maths: prompt encoding, forward noising to a strength, one denoising step, and
@@ -66,6 +68,22 @@ class TextStream:
     tokenizer: Any
     offset: int  # first position of this stream in the denoiser's text sequence
     length: int  # number of positions
+
+
+@dataclass(frozen=True)
+class StreamTokens:
+    """One stream's tokenization of a prompt, one entry per position of the stream (BOS, EOS and
+    padding included, so list index + offset is the position in the denoiser's text sequence)."""
+
+    name: str
+    offset: int  # first position of this stream in the denoiser's text sequence
+    tokens: Sequence[str]
+    spans: Sequence[tuple[int, int]]  # character span of each token in the prompt; empty (a == b) for specials
+    pad: str | None = None  # the padding token, dropped when tokens are shown
+
+    def visible(self) -> list[str]:
+        """The tokens without padding (a pad token that covers prompt text is kept)."""
+        return [t for t, (a, b) in zip(self.tokens, self.spans) if t != self.pad or b > a]
 
 
 @dataclass
@@ -173,40 +191,40 @@ class Adapter:
             prompt, padding="max_length", max_length=length, truncation=True, return_offsets_mapping=True
         )
 
-    def tokens(self, prompt: str, text_len: int | None = None) -> dict[str, list[str]]:
-        """The tokens of ``prompt`` in each stream (padding dropped)."""
-        out = {}
+    def tokenize(self, prompt: str, text_len: int | None = None) -> list[StreamTokens]:
+        """``prompt`` as each stream's tokenizer pads and truncates it for the denoiser."""
+        out = []
         for st in self.streams(text_len):
             enc = self._encode(st.tokenizer, prompt, st.length)
             toks = st.tokenizer.convert_ids_to_tokens(enc["input_ids"])
-            pad = st.tokenizer.pad_token
-            keep = [t for t, (a, b) in zip(toks, enc["offset_mapping"]) if t != pad or b > a]
-            out[st.name] = keep
+            spans = [tuple(span) for span in enc["offset_mapping"]]
+            out.append(StreamTokens(st.name, st.offset, toks, spans, st.tokenizer.pad_token))
         return out
+
+    def tokens(self, prompt: str, text_len: int | None = None) -> dict[str, list[str]]:
+        """The tokens of ``prompt`` in each stream (padding dropped)."""
+        return {st.name: st.visible() for st in self.tokenize(prompt, text_len)}
 
     def word_positions(self, prompt: str, word: str, text_len: int | None = None) -> dict[str, list[int]]:
-        """Positions of ``word`` (a word or phrase; first occurrence, whole words, case-insensitive) in the
-        denoiser's text sequence, per stream. Sub-word pieces are all included."""
-        if not prompt or not prompt.strip():
-            raise ValueError("the prompt is empty: there are no words to record; give token indices instead")
-        m = re.search(r"(?<!\w)" + re.escape(word.strip()) + r"(?!\w)", prompt, flags=re.IGNORECASE)
-        out: dict[str, list[int]] = {}
-        if m:
-            lo, hi = m.span()
-            for st in self.streams(text_len):
-                enc = self._encode(st.tokenizer, prompt, st.length)
-                pos = [st.offset + i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < hi and b > lo]
-                if pos:
-                    out[st.name] = pos
-        if not out:
-            toks = self.tokens(prompt, text_len)
-            raise KeyError(
-                f"word {word!r} is not in prompt {prompt!r} (or was truncated away); the prompt's tokens are: "
-                + "; ".join(f"{k}: {v}" for k, v in toks.items())
-            )
-        return out
+        """Positions of ``word`` in the denoiser's text sequence, per stream: ``locate_word`` on the
+        pipeline's own tokenization of ``prompt``."""
+        _require_text(prompt)  # before tokenizing: a None prompt would fail inside the tokenizer
+        return locate_word(prompt, word, self.tokenize(prompt, text_len))
+
+    @staticmethod
+    def encoded_prompt(call_args: tuple, call_kwargs: dict):
+        """The prompt(s) of a call to the pipeline's ``encode_prompt`` (its first argument in every family)."""
+        return call_kwargs.get("prompt", call_args[0] if call_args else None)
 
     # ----- denoiser calls -----
+    def latent_input(self, call_args: tuple, call_kwargs: dict) -> torch.Tensor:
+        """The noisy latents a denoiser call receives (transformers name them ``hidden_states``)."""
+        return call_kwargs.get("hidden_states", call_args[0] if call_args else None)
+
+    def batch_rows(self, call_args: tuple, call_kwargs: dict) -> int:
+        """Batch rows of a denoiser call (both CFG halves when the pipeline batches them)."""
+        return self.latent_input(call_args, call_kwargs).shape[0]
+
     def text_length(self, call_kwargs: dict) -> int:
         return call_kwargs["encoder_hidden_states"].shape[1]
 
@@ -278,6 +296,52 @@ class Adapter:
         """Index of the first denoising step at ``strength``, as the family's diffusers Img2Img pipeline
         computes it (SD: n - int(n s))."""
         return num_steps - min(int(num_steps * strength), num_steps)
+
+
+def _require_text(prompt) -> None:
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty: there are no words to record; give token indices instead")
+
+
+def locate_word(prompt: str, word: str, streams: Sequence[StreamTokens], split_words: str = "sum") -> dict[str, list[int]]:
+    """Positions of ``word`` (a word or phrase) of ``prompt`` in the denoiser's text sequence, per stream.
+
+    The first occurrence counts; matching is whole-word and case-insensitive. A token belongs to the
+    word when its character span overlaps the word's, so every piece of a word the tokenizer splits is
+    included (its maps are then summed); ``split_words="refuse"`` raises ValueError for a split word
+    instead. A stream where the word was truncated away is left out; a word in no stream raises
+    KeyError listing the prompt's tokens. Pure: the tokenization comes in ``streams``.
+    """
+    if split_words not in ("sum", "refuse"):
+        raise ValueError(f"split_words must be 'sum' or 'refuse', got {split_words!r}")
+    _require_text(prompt)
+    m = re.search(r"(?<!\w)" + re.escape(word.strip()) + r"(?!\w)", prompt, flags=re.IGNORECASE)
+    out: dict[str, list[int]] = {}
+    if m:
+        lo, hi = m.span()
+        for st in streams:
+            # enumerate every position (BOS included) so that index + offset is the sequence position
+            pos = [st.offset + i for i, (a, b) in enumerate(st.spans) if b > a and a < hi and b > lo]
+            if pos:
+                out[st.name] = pos
+    if not out:
+        raise KeyError(
+            f"word {word!r} is not in prompt {prompt!r} (or was truncated away); the prompt's tokens are: "
+            + "; ".join(f"{st.name}: {st.visible()}" for st in streams)
+        )
+    if split_words == "refuse":
+        n_words = len(word.split())  # a phrase takes one token per word when none of its words is split
+        split = {
+            st.name: [st.tokens[p - st.offset] for p in out[st.name]]
+            for st in streams
+            if len(out.get(st.name, [])) > n_words
+        }
+        if split:
+            raise ValueError(
+                f"the tokenizer splits {word!r} into several tokens ({split}); use split_words='sum' to add "
+                "the pieces' maps, or choose a single-token word"
+            )
+    return out
 
 
 def check_strength(strength: float) -> None:

@@ -1,4 +1,4 @@
-"""Flow-matching maths shared by the SD3 and Flux adapters (DESIGN section 2).
+"""Flow-matching maths shared by the SD3 and Flux adapters (docs/design.md, section 2).
 
 z_s = (1 - s) * x0 + s * eps, the model predicts v = eps - x0, with s = sigma = t / 1000.
 """

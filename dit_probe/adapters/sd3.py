@@ -55,7 +55,7 @@ class SD3Adapter(FlowMatchingMaths, Adapter):
         return streams
 
     def image_grid(self, call_args, call_kwargs):
-        x = call_kwargs.get("hidden_states", call_args[0] if call_args else None)
+        x = self.latent_input(call_args, call_kwargs)
         p = self.denoiser.config.patch_size
         return x.shape[-2] // p, x.shape[-1] // p
 

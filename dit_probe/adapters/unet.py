@@ -37,8 +37,11 @@ class UNetAdapter(Adapter):
         n = text_len if text_len is not None else self.pipe.tokenizer.model_max_length
         return [TextStream("clip", self.pipe.tokenizer, 0, n)]
 
+    def latent_input(self, call_args, call_kwargs):
+        return call_kwargs.get("sample", call_args[0] if call_args else None)  # the UNet's name for it
+
     def image_grid(self, call_args, call_kwargs):
-        x = call_kwargs.get("sample", call_args[0] if call_args else None)
+        x = self.latent_input(call_args, call_kwargs)
         return x.shape[-2], x.shape[-1]
 
     # ----- maths: z = sqrt(a) x0 + sqrt(1 - a) eps, v = sqrt(a) eps - sqrt(1 - a) x0 -----

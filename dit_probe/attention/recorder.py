@@ -1,20 +1,24 @@
 """Record image-query -> text-key attention probabilities without changing a pipeline's output.
 
-How it works (DESIGN section 3):
-- Each selected attention module's *existing* processor is wrapped, per instance; the originals
-  go back on exit, also after an exception. Nothing is patched on a class.
+How it works (docs/design.md, section 3 (the recorder)):
+- Each selected attention module's *existing* processor is wrapped, per instance, and swapped in
+  with diffusers' ``set_processor``; every undo goes on an ExitStack, so the originals go back on
+  exit, also after an exception. Nothing is patched on a class.
 - While a wrapped processor runs, its call to ``torch.nn.functional.scaled_dot_product_attention``
   is intercepted (only on that thread, only inside that processor call). The interceptor sees the
   exact q and k the model uses (after qk-norm and RoPE), returns the same output, and computes on
   the side only the columns it needs: p[i, j] = exp(q_i . k_j * scale - lse_i) for image queries i
-  and the selected text keys j. The full (image+text)^2 matrix is never built: the row
-  log-sum-exp comes from the attention kernel itself when SDPA would run the CPU flash kernel
-  (same kernel, so bitwise the same output), otherwise it is computed in query chunks.
+  and the selected text keys j. The full (image+text)^2 matrix is never built. How the row
+  log-sum-exp lse_i is obtained is a strategy chosen once from ``method``: 'auto' takes it from the
+  attention kernel itself when SDPA would run the CPU flash kernel (same kernel, so bitwise the
+  same output) and otherwise computes it in query chunks, as 'chunked' always does; 'naive' builds
+  the full softmax, as existing tools do.
 - A forward pre-hook on the denoiser tracks the generation, the denoising step (a new timestep
   is a new step; Flux's second, unconditional call at the same timestep is the same step), the
   CFG branch of every batch row and the text length. A wrapper on the pipeline's
   ``encode_prompt`` (instance attribute, removed on exit) captures the prompt of each generation,
-  so words can be mapped to token positions with the pipeline's own tokenizers.
+  so words can be mapped to token positions with the pipeline's own tokenizers. What a denoiser
+  call's arguments mean is the adapter's business (``dit_probe/adapters``).
 - Reduction happens as it goes: only selected rows (CFG branch), tokens, layers and steps are
   kept; heads are averaged unless asked to keep them.
 """
@@ -22,6 +26,7 @@ How it works (DESIGN section 3):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from dataclasses import dataclass, field
 
@@ -37,8 +42,10 @@ _ORIGINAL_SDPA = F.scaled_dot_product_attention
 _install_lock = threading.Lock()
 _install_count = 0
 _FLASH = int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+_MISSING = object()
 
 
+# ----- SDPA interception -----
 def _intercepting_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
     cap = getattr(_tls, "capture", None)
     if cap is None or cap.seen:
@@ -48,6 +55,7 @@ def _intercepting_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
 
 
 def _install():
+    # counted, so that recorders on several pipelines (or threads) share one interceptor
     global _install_count
     with _install_lock:
         if _install_count == 0:
@@ -102,8 +110,7 @@ _wrapper_classes: dict[type, type] = {}
 
 def _wrap(original, site, recorder):
     cls = type(original)
-    if cls not in _wrapper_classes:
-        import inspect
+    if cls not in _wrapper_classes:  # one subclass per processor class, since the signature is per class
 
         def __call__(self, *args, **kwargs):
             return self._run(*args, **kwargs)
@@ -113,6 +120,215 @@ def _wrap(original, site, recorder):
     return _wrapper_classes[cls](original, site, recorder)
 
 
+def _put_back(obj, name: str, saved) -> None:
+    """Undo an instance attribute set on ``obj``: the saved one back, or none (the class's shows again)."""
+    if saved is _MISSING:
+        obj.__dict__.pop(name, None)
+    else:
+        setattr(obj, name, saved)
+
+
+# ----- the maths of one attention call -----
+@dataclass
+class _ImageRows:
+    """One attention call seen from the selected batch rows' image queries, in the compute dtype
+    (float32 for half-precision models, so probabilities of ~1e-5 keep their digits)."""
+
+    q: torch.Tensor  # (rows, heads, n_img, d): image queries
+    k: torch.Tensor  # (rows, heads, n_keys, d): all keys, grouped-query heads repeated
+    txt: slice  # the text keys within k
+    kt: torch.Tensor  # (rows, heads, n_text, d): the text keys
+    mask: torch.Tensor | None  # (rows, heads, n_img, n_keys), additive
+    tmask: torch.Tensor | None  # the mask's text columns
+    scale: float
+    kernel_lse: torch.Tensor | None  # (rows, heads, n_img): the row log-sum-exp the attention kernel returned
+
+    @classmethod
+    def select(cls, site, text_len, rows, q, k, attn_mask, scale, kernel_lse) -> "_ImageRows":
+        img, txt = site.ranges(q.shape[-2], k.shape[-2], text_len)
+        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        qi = q[rows][:, :, img].to(dtype)  # a view when the rows are contiguous (the usual CFG half)
+        kk = k[rows].to(dtype)
+        if kk.shape[1] != qi.shape[1]:  # grouped-query attention, repeated as SDPA's enable_gqa does
+            kk = kk.repeat_interleave(qi.shape[1] // kk.shape[1], dim=1)
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask.broadcast_to(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])[rows][:, :, img]
+            if mask.dtype == torch.bool:
+                mask = torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
+            mask = mask.to(dtype)
+        return cls(
+            q=qi,
+            k=kk,
+            txt=txt,
+            kt=kk[:, :, txt],
+            mask=mask,
+            tmask=mask[..., txt] if mask is not None else None,
+            scale=qi.shape[-1] ** -0.5 if scale is None else scale,
+            kernel_lse=None if kernel_lse is None else kernel_lse[rows][:, :, img].to(dtype),
+        )
+
+
+def _cpu_flash_would_run(q, k, v, attn_mask, dropout_p, is_causal, scale, kw) -> bool:
+    """Whether SDPA would pick the CPU flash kernel for this call (which can also return its row
+    log-sum-exp). Decided per call: it depends on the tensors and on autograd."""
+    return (
+        q.device.type == "cpu"
+        and attn_mask is None
+        and not kw
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        and torch._fused_sdp_choice(q, k, v, None, dropout_p, is_causal, scale=scale, enable_gqa=False) == _FLASH
+    )
+
+
+class _RowLSE:
+    """How each image query's log-sum-exp over all keys (its softmax denominator) is obtained. One
+    strategy is chosen per recording from ``method``; attention calls only ask it."""
+
+    full_softmax = False  # True: gives the text probabilities straight from the full softmax instead
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+
+    def attention(self, q, k, v, attn_mask, dropout_p, is_causal, scale, kw):
+        """The model's attention output, and the kernel's row log-sum-exp when it gives one."""
+        return _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw), None
+
+    def row_lse(self, r: _ImageRows) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_lse(self, r: _ImageRows) -> torch.Tensor | None:
+        """The log-sum-exp over the text keys alone, when it comes cheaply (from a kernel); else None."""
+        return None
+
+
+class _ChunkedLSE(_RowLSE):
+    """method='chunked': computed chunk of queries by chunk, so at most (chunk x keys) logits exist at once."""
+
+    def row_lse(self, r: _ImageRows) -> torch.Tensor:
+        n, c = r.q.shape[-2], self.chunk_size
+        lse = torch.empty(r.q.shape[:-1], dtype=r.q.dtype, device=r.q.device)
+        for a in range(0, n, c):
+            logits = r.q[:, :, a : a + c] @ r.k.transpose(-1, -2) * r.scale
+            if r.mask is not None:
+                logits = logits + r.mask[:, :, a : a + c]
+            lse[:, :, a : a + c] = logits.logsumexp(-1)
+        return lse
+
+
+class _KernelLSE(_ChunkedLSE):
+    """method='auto': when SDPA would run the CPU flash kernel anyway, run that kernel directly and
+    keep the row log-sum-exp it computes (bitwise the same output); otherwise as 'chunked'."""
+
+    def attention(self, q, k, v, attn_mask, dropout_p, is_causal, scale, kw):
+        if _cpu_flash_would_run(q, k, v, attn_mask, dropout_p, is_causal, scale, kw):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, dropout_p, is_causal, scale=scale
+            )[:2]
+            return out, lse
+        return super().attention(q, k, v, attn_mask, dropout_p, is_causal, scale, kw)
+
+    def row_lse(self, r: _ImageRows) -> torch.Tensor:
+        return r.kernel_lse if r.kernel_lse is not None else super().row_lse(r)
+
+    def text_lse(self, r: _ImageRows) -> torch.Tensor | None:
+        if r.kernel_lse is None or r.tmask is not None:
+            return None
+        # the same fused kernel over the text keys alone: no (image x text) block in memory
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(r.q, r.kt, r.kt, 0.0, False, scale=r.scale)[1]
+
+
+class _NaiveSoftmax(_RowLSE):
+    """method='naive': the full softmax over all keys, then its text columns, as existing tools do
+    (the benchmarks' baseline). It gives the probabilities directly, with no separate log-sum-exp."""
+
+    full_softmax = True
+
+    @staticmethod
+    def text_probs_and_mass(r: _ImageRows, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = r.q @ r.k.transpose(-1, -2) * r.scale
+        if r.mask is not None:
+            logits = logits + r.mask
+        p_txt = logits.softmax(-1)[..., r.txt]
+        return p_txt[..., cols], p_txt.sum(-1)
+
+
+_STRATEGIES = {"auto": _KernelLSE, "chunked": _ChunkedLSE, "naive": _NaiveSoftmax}
+
+
+def _text_probs(r: _ImageRows, cols: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """p[i, j] = exp(q_i . k_j * scale + mask - lse_i) for the image queries i and text columns ``cols``."""
+    logits = r.q @ r.kt[:, :, cols].transpose(-1, -2) * r.scale
+    if r.tmask is not None:
+        logits = logits + r.tmask[..., cols]
+    return (logits - lse.unsqueeze(-1)).exp()
+
+
+def _text_mass(r: _ImageRows, site: AttentionSite, lse: torch.Tensor, strategy: _RowLSE) -> torch.Tensor:
+    """Each image query's total probability on the text keys (the denominator of normalise='text')."""
+    if site.kind == CROSS and r.mask is None:
+        return torch.ones_like(lse)  # every key is text
+    lse_text = strategy.text_lse(r)
+    if lse_text is not None:
+        return (lse_text - lse).exp()  # exp(lse_text - lse_all) = the sum of p over the text keys
+    mass = torch.empty_like(lse)  # otherwise summed chunk by chunk, never a full (image x text) block
+    n, c = r.q.shape[-2], strategy.chunk_size
+    for a in range(0, n, c):
+        lg = r.q[:, :, a : a + c] @ r.kt.transpose(-1, -2) * r.scale
+        if r.tmask is not None:
+            lg = lg + r.tmask[:, :, a : a + c]
+        mass[:, :, a : a + c] = (lg - lse[:, :, a : a + c, None]).exp().sum(-1)
+    return mass
+
+
+# ----- which text positions make each target -----
+def token_weights(positions: list[list[list[int]]], n_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 weights that turn text-key probabilities into target maps.
+
+    positions[row][target]: the text-sequence positions that make the target for that batch row
+    (a word's pieces in one stream, or one token index; empty where the word is not in that stream).
+    Returns (cols, weights): cols, the sorted positions any target needs (the only text columns whose
+    probabilities are computed), and weights (rows, n_targets, len(cols)) with 1 where a position
+    belongs to a target, so ``probs[..., cols] @ weights`` sums a split word's pieces. Pure.
+    """
+    cols = sorted({p for row in positions for tgt in row for p in tgt})
+    index = {p: c for c, p in enumerate(cols)}
+    w = torch.zeros(len(positions), n_targets, len(cols))
+    for r, row in enumerate(positions):
+        for t, tgt in enumerate(row):
+            for p in tgt:
+                w[r, t, index[p]] = 1.0
+    return torch.tensor(cols, dtype=torch.long), w
+
+
+def _select_rows(branch_of_row: list[str], wanted: list[str]) -> tuple[list[int], list[int], list[int]]:
+    """The batch rows of a denoiser call in a wanted CFG branch: (row, index into ``wanted``, item
+    within its branch) for each."""
+    rows, row_branch, row_item = [], [], []
+    seen: dict[str, int] = {}
+    for r, b in enumerate(branch_of_row):
+        item = seen.get(b, 0)
+        seen[b] = item + 1
+        if b in wanted:
+            rows.append(r)
+            row_branch.append(wanted.index(b))
+            row_item.append(item)
+    return rows, row_branch, row_item
+
+
+def _word_for_prompt(label: str, spec, index: int, n_prompts: int) -> str:
+    """The word of target ``label`` in prompt ``index``: one word for all, or one per prompt."""
+    if isinstance(spec, str):
+        return spec
+    if len(spec) != n_prompts:
+        raise ValueError(
+            f"words[{label!r}] gives {len(spec)} per-prompt words, but the pipeline was called with "
+            f"{n_prompts} prompts: give one word per prompt"
+        )
+    return spec[index]
+
+
+# ----- the recorder -----
 @dataclass
 class _Generation:
     prompts: list[str] | None
@@ -132,9 +348,11 @@ class _Generation:
     grid: tuple[int, int] = (0, 0)
     cols: torch.Tensor | None = None  # text positions whose probabilities are computed
     weights: torch.Tensor | None = None  # (rows, targets, cols) 0/1: which positions make each target
-    layout: tuple | None = None  # (rows, branches, items, text_len) the targets were computed for
     row_index: object = None  # the selected rows as a slice (a view, no copy) or an index tensor
     store_index: tuple = ()  # (branch, item) index tensors of the selected rows
+    # (rows, branches, items, text_len) -> (cols, weights, row_index, store_index): Flux alternates two
+    # layouts (cond call, uncond call) within a step, so each is worked out once, not at every call
+    layouts: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # (layer, step) -> (sum (branch, batch, head, token, n), count (branch, batch))
     mass: dict = field(default_factory=dict)
 
@@ -166,63 +384,61 @@ class Recorder:
         branches = {"cond": ["cond"], "uncond": ["uncond"], "both": ["uncond", "cond"]}
         if branch not in branches:
             raise ValueError(f"branch must be one of {list(branches)}, got {branch!r}")
-        if method not in ("auto", "chunked", "naive"):
+        if method not in _STRATEGIES:
             raise ValueError(f"method must be 'auto', 'chunked' or 'naive', got {method!r}")
         self.branches = branches[branch]
         self.sites = self.adapter.select_sites(layers)
         self.steps = None if steps is None else [int(s) for s in as_list(steps)]
         self.heads, self.text_mass, self.mean_over_steps = heads, text_mass, mean_over_steps
         self.method, self.chunk_size = method, chunk_size
+        self._lse = _STRATEGIES[method](chunk_size)  # chosen once; calls only ask it
         self.fixed_prompts = None if prompt is None else list(ensure_prompts(prompt))
         self.maps = AttentionMaps.empty(self.adapter.family, self.sites, self.branches, heads)
         self._gen: _Generation | None = None
         self._n_gen = 0
         self._pending_prompt = None
         self._prompt_taken = False
-        self._handles = []
-        self._originals: list[tuple[torch.nn.Module, object]] = []
+        self._undo = contextlib.ExitStack()
 
     # ----- context -----
     def __enter__(self) -> AttentionMaps:
-        try:
+        with contextlib.ExitStack() as undo:  # an error part-way undoes what was already done
             for site in self.sites:
-                mod = self.adapter.module(site)
-                self._originals.append((mod, mod.processor))
-                mod.processor = _wrap(mod.processor, site, self)
-            self._handles.append(
-                self.adapter.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
-            )
-            if hasattr(self.pipe, "encode_prompt"):
-                original = self.pipe.encode_prompt
-
-                def encode_prompt(*args, **kwargs):
-                    if not self._prompt_taken:
-                        p = kwargs.get("prompt", args[0] if args else None)
-                        self._pending_prompt, self._prompt_taken = p, True
-                    return original(*args, **kwargs)
-
-                self.pipe.encode_prompt = encode_prompt
+                self._swap_processor(undo, site)
+            hook = self.adapter.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
+            undo.callback(hook.remove)
+            self._watch_encode_prompt(undo)
             _install()
-        except BaseException:
-            self._restore(installed=False)
-            raise
+            undo.callback(_uninstall)
+            self._undo = undo.pop_all()  # all in place: the undos now wait for __exit__
         return self.maps
 
     def __exit__(self, *exc):
-        self._restore(installed=True)
+        self._undo.close()
         self._flush()
         return False
 
-    def _restore(self, installed: bool):
-        for mod, proc in reversed(self._originals):
-            mod.processor = proc
-        self._originals.clear()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.pipe.__dict__.pop("encode_prompt", None)
-        if installed:
-            _uninstall()
+    def _swap_processor(self, undo: contextlib.ExitStack, site: AttentionSite) -> None:
+        # diffusers' public API: set_processor also keeps an nn.Module processor's registration right
+        mod = self.adapter.module(site)
+        original = mod.processor
+        mod.set_processor(_wrap(original, site, self))
+        undo.callback(mod.set_processor, original)
+
+    def _watch_encode_prompt(self, undo: contextlib.ExitStack) -> None:
+        """Wrap the pipeline's encode_prompt (an instance attribute) to learn each generation's prompt."""
+        if not hasattr(self.pipe, "encode_prompt"):
+            return
+        original = self.pipe.encode_prompt
+        saved = self.pipe.__dict__.get("encode_prompt", _MISSING)
+
+        def encode_prompt(*args, **kwargs):
+            if not self._prompt_taken:  # the first call of a generation; a later one (Flux: the negative) is not its prompt
+                self._pending_prompt, self._prompt_taken = self.adapter.encoded_prompt(args, kwargs), True
+            return original(*args, **kwargs)
+
+        self.pipe.encode_prompt = encode_prompt
+        undo.callback(_put_back, self.pipe, "encode_prompt", saved)
 
     # ----- generation / step tracking -----
     def _on_denoiser_call(self, module, args, kwargs):
@@ -230,6 +446,20 @@ class Recorder:
         if self._gen is None or self._prompt_taken:
             self._start_generation()
         g = self._gen
+        self._advance_step(g, t)
+        branch_of_row = self.adapter.branches(self.adapter.batch_rows(args, kwargs), g.call_in_step)
+        if g.batch is None:
+            g.batch = sum(1 for b in branch_of_row if b == branch_of_row[-1])
+        g.rows, g.row_branch, g.row_item = _select_rows(branch_of_row, self.branches)
+        g.text_len = self.adapter.text_length(kwargs)
+        g.grid = self.adapter.image_grid(args, kwargs)
+        layout = (tuple(g.rows), tuple(g.row_branch), tuple(g.row_item), g.text_len)
+        if layout not in g.layouts:  # words -> positions once per layout and generation, not at every step
+            g.layouts[layout] = self._layout_targets(g)
+        g.cols, g.weights, g.row_index, g.store_index = g.layouts[layout]
+
+    @staticmethod
+    def _advance_step(g: _Generation, t: float) -> None:
         if g.last_t is None or t != g.last_t:
             g.step, g.call_in_step, g.last_t = g.step + 1, 0, t
             g.timesteps[g.step] = t
@@ -237,31 +467,6 @@ class Recorder:
             g.call_in_step += 1
         if g.steps_total is not None and g.step >= g.steps_total:
             g.steps_total = None  # more calls than the pipeline announced (a custom loop): stop validating
-        x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
-        rows_all = x.shape[0]
-        branch_of_row = self.adapter.branches(rows_all, g.call_in_step)
-        per_branch = sum(1 for b in branch_of_row if b == branch_of_row[-1])
-        g.rows, g.row_branch, g.row_item = [], [], []
-        seen: dict[str, int] = {}
-        for r, b in enumerate(branch_of_row):
-            item = seen.get(b, 0)
-            seen[b] = item + 1
-            if b in self.branches:
-                g.rows.append(r)
-                g.row_branch.append(self.branches.index(b))
-                g.row_item.append(item)
-        if g.batch is None:
-            g.batch = per_branch
-        g.text_len = self.adapter.text_length(kwargs)
-        g.grid = self.adapter.image_grid(args, kwargs)
-        layout = (tuple(g.rows), tuple(g.row_branch), tuple(g.row_item), g.text_len)
-        if layout != g.layout:  # words -> positions once per generation, not at every step
-            self._targets_for(g)
-            g.layout = layout
-            r = g.rows
-            contiguous = r and r == list(range(r[0], r[-1] + 1))
-            g.row_index = slice(r[0], r[-1] + 1) if contiguous else torch.tensor(r)
-            g.store_index = (torch.tensor(g.row_branch), torch.tensor(g.row_item))
 
     def _start_generation(self):
         self._flush()
@@ -289,135 +494,67 @@ class Recorder:
         g = self._gen
         return g is not None and bool(g.rows) and (g.wanted_steps is None or g.step in g.wanted_steps)
 
-    def _targets_for(self, g: _Generation):
-        """Which text positions make each target token, per selected row (words mapped per prompt)."""
+    # ----- targets: words and token indices -> text positions -----
+    def _layout_targets(self, g: _Generation):
+        """(cols, weights, row_index, store_index) for the current call's rows and text length."""
         streams = [s.name for s in self.adapter.streams(g.text_len)]
+        labels = self._target_labels(streams)
+        positions = [self._row_targets(g, item, streams) for item in g.row_item]
+        cols, weights = token_weights(positions, len(labels))
+        r = g.rows
+        contiguous = r and r == list(range(r[0], r[-1] + 1))
+        row_index = slice(r[0], r[-1] + 1) if contiguous else torch.tensor(r)
+        return cols, weights, row_index, (torch.tensor(g.row_branch), torch.tensor(g.row_item))
+
+    def _target_labels(self, streams: list[str]) -> list[tuple[str, str]]:
+        """(label, stream) of each target: every word once per text stream, then the token indices."""
         labels = [(label, s) for label, _ in self.words for s in streams] + [(f"#{i}", "index") for i in self.token_indices]
         if not self.maps.tokens:
             self.maps.tokens = [{"label": w, "stream": s} for w, s in labels]
         elif [(d["label"], d["stream"]) for d in self.maps.tokens] != labels:
             raise ValueError("the text streams changed between generations; record them in separate contexts")
-        positions = []  # per row: list per target
-        for item in g.row_item:
-            per_target = []
-            if self.words:
-                if not g.prompts:
-                    raise ValueError(
-                        "words need the prompt text, but the pipeline was called without one (prompt_embeds?). "
-                        "Pass prompt=... to record(), or record token indices with tokens=[...]"
-                    )
-                n_per = max(1, g.batch // len(g.prompts))
-                index = min(item // n_per, len(g.prompts) - 1)
-                prompt = g.prompts[index]
-                for label, spec in self.words:
-                    if isinstance(spec, str):
-                        w = spec
-                    elif len(spec) != len(g.prompts):
-                        raise ValueError(
-                            f"words[{label!r}] gives {len(spec)} per-prompt words, but the pipeline was called with "
-                            f"{len(g.prompts)} prompts: give one word per prompt"
-                        )
-                    else:
-                        w = spec[index]
-                    found = self.adapter.word_positions(prompt, w, g.text_len)
-                    per_target += [found.get(s, []) for s in streams]
-            for i in self.token_indices:
-                if not -g.text_len <= i < g.text_len:
-                    raise IndexError(f"token index {i} out of range: the text sequence has {g.text_len} positions")
-                per_target.append([i % g.text_len])
-            positions.append(per_target)
-        cols = sorted({p for row in positions for tgt in row for p in tgt})
-        index = {p: c for c, p in enumerate(cols)}
-        w = torch.zeros(len(g.rows), len(labels), len(cols))
-        for r, row in enumerate(positions):
-            for t, tgt in enumerate(row):
-                for p in tgt:
-                    w[r, t, index[p]] = 1.0
-        g.cols, g.weights = torch.tensor(cols, dtype=torch.long), w
+        return labels
+
+    def _row_targets(self, g: _Generation, item: int, streams: list[str]) -> list[list[int]]:
+        """The text positions of each target for batch item ``item`` (words mapped in its own prompt)."""
+        targets = []
+        if self.words:
+            if not g.prompts:
+                raise ValueError(
+                    "words need the prompt text, but the pipeline was called without one (prompt_embeds?). "
+                    "Pass prompt=... to record(), or record token indices with tokens=[...]"
+                )
+            n_per = max(1, g.batch // len(g.prompts))  # num_images_per_prompt > 1 repeats each prompt
+            index = min(item // n_per, len(g.prompts) - 1)
+            for label, spec in self.words:
+                word = _word_for_prompt(label, spec, index, len(g.prompts))
+                found = self.adapter.word_positions(g.prompts[index], word, g.text_len)
+                targets += [found.get(s, []) for s in streams]
+        for i in self.token_indices:
+            if not -g.text_len <= i < g.text_len:
+                raise IndexError(f"token index {i} out of range: the text sequence has {g.text_len} positions")
+            targets.append([i % g.text_len])
+        return targets
 
     # ----- the attention computation -----
     def _attend(self, site, q, k, v, attn_mask, dropout_p, is_causal, scale, kw):
-        fast = (
-            self.method == "auto"
-            and q.device.type == "cpu"
-            and attn_mask is None
-            and not kw
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and torch._fused_sdp_choice(q, k, v, None, dropout_p, is_causal, scale=scale, enable_gqa=False) == _FLASH
-        )
-        lse = None
-        if fast:
-            # the kernel SDPA itself would run, asked for its row log-sum-exp too
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, dropout_p, is_causal, scale=scale
-            )[:2]
-        else:
-            out = _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
         if is_causal:
             raise ValueError(f"layer {site.name}: causal attention is not text-to-image attention")
+        out, kernel_lse = self._lse.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, kw)
         with torch.no_grad():
-            self._record(site, q, k, attn_mask, scale, lse, kw.get("enable_gqa", False))
+            self._record(site, q, k, attn_mask, scale, kernel_lse)
         return out
 
-    def _record(self, site, q, k, attn_mask, scale, lse, gqa):
+    def _record(self, site, q, k, attn_mask, scale, kernel_lse):
         g = self._gen
-        img, txt = site.ranges(q.shape[-2], k.shape[-2], g.text_len)
-        rows = g.row_index
-        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        qi = q[rows][:, :, img].to(dtype)  # a view when the rows are contiguous (the usual CFG half)
-        kk = k[rows].to(dtype)
-        if kk.shape[1] != qi.shape[1]:  # grouped-query attention
-            kk = kk.repeat_interleave(qi.shape[1] // kk.shape[1], dim=1)
-        scale = qi.shape[-1] ** -0.5 if scale is None else scale
-        mask = None
-        if attn_mask is not None:
-            mask = attn_mask.broadcast_to(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])[rows][:, :, img]
-            if mask.dtype == torch.bool:
-                mask = torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
-            mask = mask.to(dtype)
-        kt = kk[:, :, txt]
-        cols = g.cols
-        n = qi.shape[-2]
-        if self.method == "naive":
-            # what existing tools do: the full softmax over all keys, then the text columns
-            logits = qi @ kk.transpose(-1, -2) * scale
-            if mask is not None:
-                logits = logits + mask
-            full = logits.softmax(-1)
-            p_txt = full[..., txt]
-            sel, mass = p_txt[..., cols], p_txt.sum(-1)
+        r = _ImageRows.select(site, g.text_len, g.row_index, q, k, attn_mask, scale, kernel_lse)
+        if self._lse.full_softmax:
+            probs, mass = self._lse.text_probs_and_mass(r, g.cols)
         else:
-            if lse is not None:
-                lse_img = lse[rows][:, :, img].to(dtype)
-            else:  # row log-sum-exp over all keys, query chunk by query chunk
-                lse_img = torch.empty(qi.shape[:-1], dtype=dtype)
-                for a in range(0, n, self.chunk_size):
-                    logits = qi[:, :, a : a + self.chunk_size] @ kk.transpose(-1, -2) * scale
-                    if mask is not None:
-                        logits = logits + mask[:, :, a : a + self.chunk_size]
-                    lse_img[:, :, a : a + self.chunk_size] = logits.logsumexp(-1)
-            tmask = mask[..., txt] if mask is not None else None
-            logits = qi @ kt[:, :, cols].transpose(-1, -2) * scale
-            if tmask is not None:
-                logits = logits + tmask[..., cols]
-            sel = (logits - lse_img.unsqueeze(-1)).exp()
-            mass = None
-            if self.text_mass:
-                if site.kind == CROSS and mask is None:
-                    mass = torch.ones_like(lse_img)  # every key is text
-                elif lse is not None and tmask is None:
-                    # the same fused kernel gives the log-sum-exp over the text keys alone:
-                    # text mass = exp(lse_text - lse_all), with no (image x text) block in memory
-                    lse_txt = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qi, kt, kt, 0.0, False, scale=scale)[1]
-                    mass = (lse_txt - lse_img).exp()
-                else:
-                    mass = torch.empty_like(lse_img)
-                    for a in range(0, n, self.chunk_size):
-                        lg = qi[:, :, a : a + self.chunk_size] @ kt.transpose(-1, -2) * scale
-                        if tmask is not None:
-                            lg = lg + tmask[:, :, a : a + self.chunk_size]
-                        mass[:, :, a : a + self.chunk_size] = (lg - lse_img[:, :, a : a + self.chunk_size, None]).exp().sum(-1)
-        maps = torch.einsum("rhnc,rtc->rhtn", sel, g.weights.to(sel.dtype))  # (rows, heads, targets, n)
+            lse = self._lse.row_lse(r)
+            probs = _text_probs(r, g.cols, lse)
+            mass = _text_mass(r, site, lse, self._lse) if self.text_mass else None
+        maps = torch.einsum("rhnc,rtc->rhtn", probs, g.weights.to(probs.device, probs.dtype))  # (rows, heads, targets, n)
         if self.heads == "mean":
             maps = maps.mean(1, keepdim=True)
             mass = mass.mean(1, keepdim=True) if mass is not None else None

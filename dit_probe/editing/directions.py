@@ -1,7 +1,7 @@
 """Edit directions: what Identify finds and Manipulate applies (paper section 3.1).
 
 An ``EditDirection`` holds, per edited image, a text-side direction n_c = z_c1 - z_c0 (sequence and
-pooled embeddings; DESIGN section 5) and/or an image-side direction n_zt in the noised latent at
+pooled embeddings; docs/design.md, section 5) and/or an image-side direction n_zt in the noised latent at
 the editing timestep (HSDS, SDS, DDS or a reference image). Manipulate uses
 ``z~_c = z_c0 + alpha * n_c`` and ``z~_t = z_t + alpha * n_zt``. Directions save to one safetensors
 file with their metadata, so studies can reuse them.
@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..adapters import Conditioning
+from ..io import atomic_write
 
 
 @dataclass
@@ -57,10 +60,6 @@ class EditDirection:
         return out + scale * self.image.repeat_interleave(a, dim=0).to(zt)
 
     def save(self, path) -> Path:
-        from safetensors.torch import save_file
-
-        from ..studies.io import atomic_write
-
         path = Path(path)
         tensors = {k: getattr(self, k).contiguous().cpu() for k in ("text_embeds", "text_pooled", "image")
                    if getattr(self, k) is not None}
@@ -71,8 +70,6 @@ class EditDirection:
 
     @classmethod
     def load(cls, path) -> "EditDirection":
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no saved direction at {path}")

@@ -1,4 +1,4 @@
-"""Image-side directions by score distillation at a fixed timestep (paper Eq. 1, footnote 3; DESIGN section 5).
+"""Image-side directions by score distillation at a fixed timestep (paper Eq. 1, footnote 3; docs/design.md, section 5).
 
 All three methods move a copy z'_t of the noised source latent z_t and return n_zt = z'_t - z_t.
 ``eps(z, cond)`` is the model's noise prediction at the editing timestep (flow models: converted

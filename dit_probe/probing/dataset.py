@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from ..studies.io import atomic_write, versions, write_json
+from ..adapters import get_adapter
+from ..attention import record
+from ..io import atomic_write, versions, write_json
+from ..registry import sampling_settings
 
 TOKENS = ("color", "object")  # token axis of the stored maps
 IMAGE_SIDE = 64  # stored thumbnails are at most this many pixels a side
@@ -135,6 +142,24 @@ def _shard_name(obj: str, seed: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', obj)}__{seed}.safetensors"
 
 
+def intact(path: Path, warn: bool = False) -> bool:
+    """Whether ``path`` is a whole safetensors file: its header parses and the file is exactly as long as
+    the header says (a truncated copy or an interrupted write fails). ``warn``: name a damaged file."""
+    if not path.exists():
+        return False
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        ok = path.stat().st_size == 8 + n + end
+    except (ValueError, KeyError, TypeError, OSError):
+        ok = False
+    if not ok and warn:
+        warnings.warn(f"{path} is damaged (truncated or not a safetensors file): generating it again", stacklevel=3)
+    return ok
+
+
 def _thumbnails(images: np.ndarray) -> np.ndarray:
     """(n, H, W, 3) float in [0, 1] -> uint8, area-downsampled to at most IMAGE_SIDE a side."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
@@ -153,12 +178,6 @@ def build(pipe, model: str, grid: ProbeGrid, folder, annotate=None, log=print, o
     shard (the toy world's judge readings). on_shard: called with each new shard's path (progress;
     tests use it to interrupt a run).
     """
-    from safetensors.torch import save_file
-
-    from ..adapters import get_adapter
-    from ..attention import record
-    from ..registry import sampling_settings
-
     check_grid(grid)
     folder = Path(folder)
     adapter = get_adapter(pipe)
@@ -175,11 +194,11 @@ def build(pipe, model: str, grid: ProbeGrid, folder, annotate=None, log=print, o
     else:
         meta = {"model": model, "family": adapter.family, "grid_settings": grid.identity(), "sampling": kwargs,
                 "pieces": pieces, "versions": versions()}
-    todo = [(o, s) for o in grid.objects for s in grid.seeds if not (folder / "shards" / _shard_name(o, s)).exists()]
+    todo = [(o, s) for o in grid.objects for s in grid.seeds if not intact(folder / "shards" / _shard_name(o, s), warn=True)]
     done = len(grid.objects) * len(grid.seeds) - len(todo)
     log(f"{model}: {done} of {len(grid.objects) * len(grid.seeds)} (object, seed) shards on disk, {len(todo)} to generate")
     dtype = getattr(torch, grid.store_dtype)
-    for obj, seed in todo:
+    for obj, seed in tqdm(todo, desc=f"{model} shards", leave=False, disable=None):
         prompts = [grid.prompt(c, obj) for c in grid.colors]
         generators = [torch.Generator().manual_seed(int(seed)) for _ in prompts]
         with record(pipe, words={"color": list(grid.colors), "object": [obj] * len(prompts)},
@@ -229,14 +248,15 @@ class ProbeDataset:
     @classmethod
     def load(cls, folder, objects=None, seeds=None) -> "ProbeDataset":
         """Load the shards of ``folder`` (only the given objects / seeds if set)."""
-        from safetensors import safe_open
-
         folder = Path(folder)
         if not (folder / "dataset.json").exists():
             raise FileNotFoundError(f"{folder} is not a probing dataset: it has no dataset.json")
         meta = json.loads((folder / "dataset.json").read_text())
         maps, images, colors, objs, seed_list, notes = [], [], [], [], [], []
         for path in sorted((folder / "shards").glob("*.safetensors")):
+            if not intact(path):
+                raise RuntimeError(f"{path} is damaged (truncated or not a safetensors file): delete it and run the "
+                                   "study again to regenerate it")
             with safe_open(str(path), "pt") as f:
                 info = f.metadata()
                 if (objects is not None and info["object"] not in objects) or (

@@ -145,20 +145,7 @@ def plot_example_maps(datasets: dict, obj: str, seed: int, normalise: str = "sum
     return fig
 
 
-def save_all(table, datasets, folder, example_object, example_seed) -> list[Path]:
-    import matplotlib.pyplot as plt
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "probing-fig7.png": lambda: plot_fig7(table),
-        "probing-layers-steps.png": lambda: plot_layers_steps(table),
-        "probing-example-maps.png": lambda: plot_example_maps(datasets, example_object, example_seed),
-    }
-    paths = []
-    for name, make in figures.items():
-        fig = make()
-        fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
-        paths.append(folder / name)
-    return paths
+def figures(table, datasets, example_object, example_seed) -> dict:
+    """The study's three figures by file name."""
+    return {"probing-fig7.png": plot_fig7(table), "probing-layers-steps.png": plot_layers_steps(table),
+            "probing-example-maps.png": plot_example_maps(datasets, example_object, example_seed)}

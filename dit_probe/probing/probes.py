@@ -6,7 +6,7 @@ If it still finds the label there, the other token's maps carry that information
 
 - Cross-validation is grouped by seed: a test fold holds seeds the probe never saw, and the grid
   uses the same seeds for every label, so image layout cannot give the label away.
-- Two probe kinds, as in DESIGN section 5: a multiclass logistic regression (chance 1/K) and
+- Two probe kinds, as in docs/design.md, section 5: a multiclass logistic regression (chance 1/K) and
   one-vs-rest binary logistic regressions with balanced class weights (Fig. 7's "ratio of maps
   classified as colour c"; balanced weights put an uninformed probe's ratio near 0.5).
 - A shuffled-label control is the same procedure trained on permuted labels: the empirical chance.

@@ -10,42 +10,34 @@ edits judged by CLIP (``source: celeba``).
   applied on the image side alone.
 
 Per setting and alpha: the judge's P(target), success, whether every other attribute is kept, and
-background PSNR (exact masks on the toy world; the whole image on CelebA). Results: ``rows.csv``, ``summary.csv``, ``table.md`` and a figure; each
-(model, setting) unit is written atomically and skipped when present.
+background PSNR (exact masks on the toy world; the whole image on CelebA). Results: ``rows.csv``,
+``summary.csv``, ``table.md`` and a figure; one unit per (model, setting), run and cached by
+``studies.runner``.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .io import load_config, save_figures, versions, write_csv, write_json
-from .sources import EditSourceSettings
-from .stats import mean_ci
+from ..editing import DistillSettings
+from ..stats import mean_ci
+from .runner import Report, Study, Unit
+from .sources import EditSourceSettings, edit_set, judge_edits, make_source
 
 
-@dataclass
 class HSDSAblationConfig(EditSourceSettings):
-    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
-    attributes: list[str] = field(default_factory=lambda: ["size", "color"])
+    attributes: list[str] = ["size", "color"]
     mode: str = "hsds-only"  # or eim: the text side as well
-    lams: list[float] = field(default_factory=lambda: [0.1, 0.5, 1.0])
-    eta_starts: list[float] = field(default_factory=lambda: [0.05, 0.2])
+    lams: list[float] = [0.1, 0.5, 1.0]
+    eta_starts: list[float] = [0.05, 0.2]
     iterations: int = 20
     n: int = 8  # edits per attribute
-    alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.5])
-    strength: float = 0.75
+    alphas: list[float] = [0.0, 1.0, 1.5]
     seed: int = 2
-    bootstrap: int = 1000
 
-    def settings(self):
-        return [{"lam": float(lam), "eta_start": float(eta)} for lam in self.lams for eta in self.eta_starts]
-
-    def validate(self):
+    def check(self):
         self.check_editable(self.attributes)
         if self.mode not in ("hsds-only", "eim"):
             raise ValueError(f"mode must be 'hsds-only' or 'eim' (the modes that use HSDS), got {self.mode!r}")
@@ -53,18 +45,14 @@ class HSDSAblationConfig(EditSourceSettings):
             raise ValueError("give lams >= 0 and eta_starts > 0")
 
 
-@dataclass
 class SDSGuidanceConfig(EditSourceSettings):
-    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
-    attributes: list[str] = field(default_factory=lambda: ["color", "size", "shape"])
-    guides: list[str] = field(default_factory=lambda: ["target", "source"])
+    attributes: list[str] = ["color", "size", "shape"]
+    guides: list[str] = ["target", "source"]
     n: int = 12
-    alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.5])
-    strength: float = 0.75
+    alphas: list[float] = [0.0, 1.0, 1.5]
     seed: int = 3
-    bootstrap: int = 1000
 
-    def validate(self):
+    def check(self):
         self.check_editable(self.attributes)
         bad = [g for g in self.guides if g not in ("target", "source")]
         if bad:
@@ -73,9 +61,6 @@ class SDSGuidanceConfig(EditSourceSettings):
 
 def _edit_rows(editor, source, attribute, n, seed, alphas, mode, phrases_from="target", image_only=False):
     """Judge rows for n edits of one attribute (the alpha-threshold study's edits: toy or CelebA)."""
-    from .alpha_threshold import edit_set
-    from .toy_editing import judge_edits
-
     e = edit_set(source, attribute, n, seed, editor.size)
     captions = [source.caption(lab) for lab in e["sources"]]
     enc = editor.encode(e["rgb"], captions, [seed * 100_000 + i for i in range(n)])
@@ -116,54 +101,7 @@ def _table(summary, keys, alpha):
     return "\n".join(lines) + "\n"
 
 
-def _run(units, cfg, out, figures, name, keys, plot, log):
-    """Shared loop: units = [(model, setting dict, function(editor, judge) -> frame)]."""
-    from ..editing import EIMEditor
-    from ..registry import load_pipeline
-    from .sources import make_source
-
-    source = make_source(cfg.source, cfg.celeba, None, cfg.clip)  # every attribute: the others are checked
-    for a in cfg.attributes:
-        source.check(a)
-    out = Path(out)
-    write_json(out / "config.json", asdict(cfg))
-    started, frames, editors = time.time(), [], {}
-    for model, setting, fn in units:
-        tag = "--".join(f"{k}-{v}" for k, v in setting.items())
-        path = out / model / f"{tag}.csv"
-        if path.exists():
-            frames.append(pd.read_csv(path))
-            continue
-        if model not in editors:
-            editors.clear()
-            editors[model] = EIMEditor(load_pipeline(model), strength=cfg.strength, guidance_scale=cfg.guidance_scale,
-                                       num_inference_steps=cfg.num_inference_steps)
-        t0 = time.time()
-        frame = fn(editors[model], source)
-        frame.insert(0, "model", model)
-        for i, (k, v) in enumerate(setting.items()):
-            frame.insert(1 + i, k, v)
-        write_csv(path, frame)
-        frames.append(frame)
-        top = frame[frame.alpha == max(cfg.alphas)]
-        log(f"{model} {tag}: P(target) at alpha {max(cfg.alphas):g} {top.target_score.mean():.2f}, kept "
-            f"{top.preserved.mean():.0%} ({time.time() - t0:.0f} s)")
-    rows = pd.concat(frames, ignore_index=True)
-    summary = _summarise(rows, keys, cfg.bootstrap)
-    write_csv(out / "rows.csv", rows)
-    write_csv(out / "summary.csv", summary)
-    table = _table(summary, keys, max(cfg.alphas))
-    (out / "table.md").write_text(table)
-    write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1)})
-    fig_dir = save_figures(out, figures, {f"{name}.png": plot(summary, max(cfg.alphas))}, {f"{name}-table.md": table})
-    log(table)
-    log(f"results: {out}  figures: {fig_dir}")
-    return summary
-
-
 def _plot_hsds(summary, alpha):
-    import matplotlib.pyplot as plt
-
     s = summary[summary.alpha == alpha]
     models, attrs = list(dict.fromkeys(s.model)), list(dict.fromkeys(s.attribute))
     fig, axes = plt.subplots(len(models), 2 * len(attrs), figsize=(3.3 * 2 * len(attrs), 2.9 * len(models)), squeeze=False)
@@ -185,8 +123,6 @@ def _plot_hsds(summary, alpha):
 
 
 def _plot_sds(summary, alpha):
-    import matplotlib.pyplot as plt
-
     s = summary[summary.alpha == alpha]
     models = list(dict.fromkeys(s.model))
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.4), squeeze=False)
@@ -205,39 +141,69 @@ def _plot_sds(summary, alpha):
     return fig
 
 
-def run_hsds(cfg: HSDSAblationConfig, out="runs/hsds-ablation", figures=None, log=print):
-    from ..editing import DistillSettings
-
-    cfg.validate()
-
-    def unit(setting):
-        def fn(editor, source):
-            editor.distill = DistillSettings(iterations=cfg.iterations, lam=setting["lam"], eta_start=setting["eta_start"],
-                                             eta_end=setting["eta_start"] / 10)
-            return pd.concat([_edit_rows(editor, source, a, cfg.n, cfg.seed, cfg.alphas, cfg.mode)
-                              for a in cfg.attributes], ignore_index=True)
-        return fn
-
-    units = [(m, s, unit(s)) for m in cfg.models for s in cfg.settings()]
-    return _run(units, cfg, out, figures, "hsds-ablation", ["model", "lam", "eta_start"], _plot_hsds, log)
+def _prepare(cfg, out):
+    source = make_source(cfg.source, cfg.celeba, None, cfg.clip)  # every attribute: the others are checked
+    for a in cfg.attributes:
+        source.check(a)
+    return source
 
 
-def run_sds(cfg: SDSGuidanceConfig, out="runs/sds-guidance", figures=None, log=print):
-    cfg.validate()
-
-    def unit(guide):
-        def fn(editor, source):
-            return pd.concat([_edit_rows(editor, source, a, cfg.n, cfg.seed, cfg.alphas, "sds", guide, image_only=True)
-                              for a in cfg.attributes], ignore_index=True)
-        return fn
-
-    units = [(m, {"guide": g}, unit(g)) for m in cfg.models for g in cfg.guides]
-    return _run(units, cfg, out, figures, "sds-guidance", ["model", "guide"], _plot_sds, log)
+def _with_keys(frame: pd.DataFrame, unit: Unit) -> pd.DataFrame:
+    for i, (k, v) in enumerate(unit.keys):
+        frame.insert(i, k, v)
+    return frame
 
 
-def hsds_config_from(path=None, **overrides) -> HSDSAblationConfig:
-    return load_config(HSDSAblationConfig, path, **overrides)
+def _hsds_unit(ctx, unit: Unit, cfg: HSDSAblationConfig):
+    editor, source = ctx
+    editor.distill = DistillSettings(iterations=cfg.iterations, lam=unit["lam"], eta_start=unit["eta_start"],
+                                     eta_end=unit["eta_start"] / 10)
+    frame = pd.concat([_edit_rows(editor, source, a, cfg.n, cfg.seed, cfg.alphas, cfg.mode) for a in cfg.attributes],
+                      ignore_index=True)
+    return _with_keys(frame, unit), None
 
 
-def sds_config_from(path=None, **overrides) -> SDSGuidanceConfig:
-    return load_config(SDSGuidanceConfig, path, **overrides)
+def _sds_unit(ctx, unit: Unit, cfg: SDSGuidanceConfig):
+    editor, source = ctx
+    frame = pd.concat([_edit_rows(editor, source, a, cfg.n, cfg.seed, cfg.alphas, "sds", unit["guide"], image_only=True)
+                       for a in cfg.attributes], ignore_index=True)
+    return _with_keys(frame, unit), None
+
+
+def _reporter(name, keys, plot):
+    def report(cfg, results, out) -> Report:
+        rows = pd.concat([r.frame for r in results], ignore_index=True)
+        summary = _summarise(rows, keys, cfg.bootstrap)
+        table = _table(summary, keys, max(cfg.alphas))
+        return Report(summary, files={"rows.csv": rows, "summary.csv": summary, "table.md": table},
+                      figures={f"{name}.png": plot(summary, max(cfg.alphas)), f"{name}-table.md": table}, text=table)
+    return report
+
+
+def _line(frame: pd.DataFrame) -> str:
+    top = frame[frame.alpha == frame.alpha.max()]
+    return f"P(target) at the largest alpha {top.target_score.mean():.2f}, kept {top.preserved.mean():.0%}"
+
+
+HSDS_STUDY = Study(
+    name="hsds-ablation", help="HSDS lambda x step-size grid on edits (Fig. 11)", config=HSDSAblationConfig,
+    units=lambda cfg: [Unit(m, (("lam", float(lam)), ("eta_start", float(eta)))) for m in cfg.models
+                       for lam in cfg.lams for eta in cfg.eta_starts],
+    prepare=_prepare, setup=lambda cfg, model, source: (cfg.editor(model), source), compute=_hsds_unit,
+    report=_reporter("hsds-ablation", ["model", "lam", "eta_start"], _plot_hsds),
+    axes=("models", "lams", "eta_starts"), paper="Fig. 11: HSDS lambda and step size",
+    toy_config="hsds-ablation-toy.yaml", paper_config="hsds-ablation-paper.yaml",
+    figure_files=("hsds-ablation.png", "hsds-ablation-table.md"), summary_line=_line,
+)
+SDS_STUDY = Study(
+    name="sds-guidance", help="SDS image direction guided by the target phrase vs the source prompt (Fig. 12)",
+    config=SDSGuidanceConfig,
+    units=lambda cfg: [Unit(m, (("guide", g),)) for m in cfg.models for g in cfg.guides],
+    prepare=_prepare, setup=lambda cfg, model, source: (cfg.editor(model), source), compute=_sds_unit,
+    report=_reporter("sds-guidance", ["model", "guide"], _plot_sds), axes=("models", "guides"),
+    paper="Fig. 12: SDS guided by the target vs the source prompt", toy_config="sds-guidance-toy.yaml",
+    paper_config="sds-guidance-paper.yaml", figure_files=("sds-guidance.png", "sds-guidance-table.md"),
+    summary_line=_line,
+)
+run_hsds, hsds_config_from = HSDS_STUDY.run, HSDS_STUDY.config_from
+run_sds, sds_config_from = SDS_STUDY.run, SDS_STUDY.config_from

@@ -20,49 +20,37 @@ data an edit pushes), and ``alpha_match`` = the alpha at which the projection eq
 render noised with the same sample (image side), 1 by construction on the text side.
 
 Results: ``alphas.csv`` (one row per edit and alpha), ``summary.csv``, ``thresholds.csv``, ``table.md``,
-and figures (curves, projections, an example strip). Each (model, mode, attribute) unit is written
-atomically and skipped when present.
+and figures (curves, projections, an example strip); one unit per (model, mode, attribute), run and
+cached by ``studies.runner``.
 
     dit-probe run alpha-threshold
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .io import load_config, read_arrays, save_figures, versions, write_arrays, write_csv, write_json
-from .sources import EditSourceSettings
-from .stats import mean_ci
+from ..stats import mean_ci
+from .runner import Report, Study, Unit
+from .sources import EditSourceSettings, check_modes, edit_set, judge_edits, make_source
 
 
-@dataclass
 class AlphaThresholdConfig(EditSourceSettings):
-    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
-    attributes: list[str] = field(default_factory=lambda: ["color", "size", "shape"])
-    modes: list[str] = field(default_factory=lambda: ["eim", "prompt-only"])
+    attributes: list[str] = ["color", "size", "shape"]
+    modes: list[str] = ["eim", "prompt-only"]
     n: int = 20  # edits per attribute
-    alphas: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
-    strength: float = 0.75
+    alphas: list[float] = [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
     tolerance: float = 0.1  # collateral change (fraction of other attributes read differently) that counts
     seed: int = 1  # scenes and noise (the toy editing study uses 0: these are other edits)
     batch_size: int | None = None
-    bootstrap: int = 1000
 
-    def validate(self, source=None):
-        from ..editing import MODES
+    REPORT_ONLY = ("bootstrap", "tolerance")
 
+    def check(self):
         self.check_editable(self.attributes)
-        if source is not None:
-            for a in self.attributes:
-                source.check(a)
-        bad = [m for m in self.modes if m not in MODES or m == "reference"]
-        if bad:
-            raise ValueError(f"modes {bad} are not available here; choose from {[m for m in MODES if m != 'reference']}")
+        check_modes(self.modes)
         alphas = [float(a) for a in self.alphas]
         if 0.0 not in alphas or not any(a < 0 for a in alphas) or not any(a > 0 for a in alphas):
             raise ValueError(f"alphas must include 0 (the reference for collateral change), negative and positive "
@@ -121,33 +109,7 @@ def projections(enc, direction, alphas, target_enc=None) -> dict[str, np.ndarray
             "norm": norm.numpy()}
 
 
-def edit_set(source, attribute: str, n: int, seed: int, size: int | None = None) -> dict:
-    """The edits of one attribute: source images and labels, target labels, captions, target phrases,
-    background masks, and (toy) the target renders. Toy: random scenes with the attribute changed to a
-    random other value, exact background masks. CelebA: the binary attribute flipped; no masks (the
-    whole image is scored) and no target images."""
-    from .sources import ToySource
-
-    if isinstance(source, ToySource):
-        from ..toyworld import render_many
-        from .toy_editing import background_mask, phrase_for
-        from .toy_editing import edit_set as toy_edit_set
-
-        pairs = toy_edit_set(attribute, n, seed)
-        return {"rgb": render_many([s for s, _ in pairs]), "sources": [s.attributes for s, _ in pairs],
-                "targets": [t.attributes for _, t in pairs], "phrases": [phrase_for(t, attribute) for _, t in pairs],
-                "masks": np.stack([background_mask(s, t) for s, t in pairs]),
-                "target_rgb": render_many([t for _, t in pairs])}
-    items = source.sample(n, seed, size=size)
-    targets = [{**lab, attribute: source.flip(attribute, lab[attribute])} for lab in items.labels]
-    return {"rgb": items.images, "sources": items.labels, "targets": targets,
-            "phrases": [source.caption({attribute: t[attribute]}) for t in targets],
-            "masks": np.ones(items.images.shape[:3], bool), "target_rgb": None}
-
-
 def run_unit(editor, source, attribute: str, mode: str, cfg: AlphaThresholdConfig) -> tuple[pd.DataFrame, np.ndarray]:
-    from .toy_editing import judge_edits
-
     e = edit_set(source, attribute, cfg.n, cfg.seed, editor.size)
     seeds = [cfg.seed * 100_000 + i for i in range(cfg.n)]
     captions = [source.caption(lab) for lab in e["sources"]]
@@ -230,8 +192,6 @@ def markdown_table(th: pd.DataFrame, summary: pd.DataFrame) -> str:
 def plot_curves(summary: pd.DataFrame, th: pd.DataFrame, rows: pd.DataFrame, tolerance: float):
     """Fig. 10-style: target score and collateral change vs alpha, background preservation vs alpha,
     and where the latent sits along the direction (projection z) vs collateral."""
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(summary.model))
     attrs = list(dict.fromkeys(summary.attribute))
     colours = dict(zip(attrs, plt.cm.tab10.colors))
@@ -266,8 +226,6 @@ def plot_curves(summary: pd.DataFrame, th: pd.DataFrame, rows: pd.DataFrame, tol
 
 def plot_strips(strips: dict, alphas):
     """One example edit per (model, attribute, mode): its images across alphas."""
-    import matplotlib.pyplot as plt
-
     keys = list(strips)
     fig, axes = plt.subplots(len(keys), len(alphas), figsize=(1.0 * len(alphas) + 1.2, 1.05 * len(keys)), squeeze=False)
     for r, key in enumerate(keys):
@@ -284,56 +242,43 @@ def plot_strips(strips: dict, alphas):
     return fig
 
 
-def run(cfg: AlphaThresholdConfig, out="runs/alpha-threshold", figures=None, log=print) -> pd.DataFrame:
-    from ..editing import EIMEditor
-    from ..registry import load_pipeline
-    from .sources import make_source
-
-    cfg.validate()
+def _prepare(cfg: AlphaThresholdConfig, out):
     source = make_source(cfg.source, cfg.celeba, None, cfg.clip)  # every attribute: collateral is read on the others
-    cfg.validate(source)
-    out = Path(out)
-    write_json(out / "config.json", asdict(cfg))
-    started, frames, strips = time.time(), [], {}
-    for model in cfg.models:
-        editor = None
-        for mode in cfg.modes:
-            for attr in cfg.attributes:
-                path, strip_path = out / model / f"{mode}--{attr}.csv", out / model / f"{mode}--{attr}.npz"
-                if path.exists() and strip_path.exists():
-                    frames.append(pd.read_csv(path))
-                    strips[f"{model} {attr} {mode}"] = read_arrays(strip_path)["images"]
-                    continue
-                if editor is None:
-                    editor = EIMEditor(load_pipeline(model), strength=cfg.strength, batch_size=cfg.batch_size,
-                                       num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale)
-                t0 = time.time()
-                frame, strip = run_unit(editor, source, attr, mode, cfg)
-                frame.insert(0, "model", model)
-                write_arrays(strip_path, images=strip)
-                write_csv(path, frame)
-                frames.append(frame)
-                strips[f"{model} {attr} {mode}"] = strip
-                log(f"{model} {mode:<11} {attr:<6} collateral by alpha: "
-                    + " ".join(f"{a:g}:{v:.2f}" for a, v in frame.groupby("alpha").collateral.mean().items())
-                    + f"  ({time.time() - t0:.0f} s)")
-    rows = pd.concat(frames, ignore_index=True)
+    for a in cfg.attributes:
+        source.check(a)
+    return source
+
+
+def _compute(ctx, unit: Unit, cfg: AlphaThresholdConfig):
+    editor, source = ctx
+    frame, strip = run_unit(editor, source, unit["attribute"], unit["mode"], cfg)
+    return frame, {"images": strip}
+
+
+def _report(cfg: AlphaThresholdConfig, results, out) -> Report:
+    rows = pd.concat([r.frame for r in results], ignore_index=True)
+    strips = {f"{r.unit.model} {r.unit['attribute']} {r.unit['mode']}": r.arrays["images"] for r in results}
     summary = summarise(rows, cfg.bootstrap)
     th = thresholds(summary, rows, cfg.tolerance)
-    write_csv(out / "alphas.csv", rows)
-    write_csv(out / "summary.csv", summary)
-    write_csv(out / "thresholds.csv", th)
     table = markdown_table(th, summary)
-    (out / "table.md").write_text(table)
-    write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1)})
-    fig_dir = save_figures(out, figures, {
-        "alpha-threshold-curves.png": plot_curves(summary, th, rows, cfg.tolerance),
-        "alpha-threshold-examples.png": plot_strips(strips, [float(a) for a in cfg.alphas])},
-        {"alpha-threshold-table.md": table})
-    log(table)
-    log(f"results: {out}  figures: {fig_dir}")
-    return th
+    return Report(th, files={"alphas.csv": rows, "summary.csv": summary, "thresholds.csv": th, "table.md": table},
+                  figures={"alpha-threshold-curves.png": plot_curves(summary, th, rows, cfg.tolerance),
+                           "alpha-threshold-examples.png": plot_strips(strips, [float(a) for a in cfg.alphas]),
+                           "alpha-threshold-table.md": table}, text=table)
 
 
-def config_from(path=None, **overrides) -> AlphaThresholdConfig:
-    return load_config(AlphaThresholdConfig, path, **overrides)
+STUDY = Study(
+    name="alpha-threshold",
+    help="target and collateral change vs edit degree alpha, thresholds, projections (Fig. 10)",
+    config=AlphaThresholdConfig,
+    units=lambda cfg: [Unit(m, (("mode", mode), ("attribute", a))) for m in cfg.models for mode in cfg.modes
+                       for a in cfg.attributes],
+    prepare=_prepare, setup=lambda cfg, model, source: (cfg.editor(model, batch_size=cfg.batch_size), source),
+    compute=_compute, report=_report, axes=("models", "modes", "attributes"),
+    paper="Fig. 10: edit degree alpha vs collateral change", toy_config="alpha-threshold-toy.yaml",
+    paper_config="alpha-threshold-paper.yaml",
+    figure_files=("alpha-threshold-curves.png", "alpha-threshold-examples.png", "alpha-threshold-table.md"),
+    summary_line=lambda f: "collateral by alpha: " + " ".join(
+        f"{a:g}:{v:.2f}" for a, v in f.groupby("alpha").collateral.mean().items()),
+)
+run, config_from = STUDY.run, STUDY.config_from

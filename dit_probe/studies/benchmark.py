@@ -17,7 +17,7 @@ alphas. Per edit: background PSNR, SSIM and LPIPS against the source inside the 
 alpha (default 1); CLIPScore of the edited image with the edit prompt (when a CLIP model is given);
 the judge's target probability at each alpha, and from it the graded-edit score (the stand-in for
 MLLM-VQA; ``dit_probe.metrics.graded``). Results: ``edits.csv``, ``table.csv`` and ``table.md`` in
-Table 2's layout. Each (model, mode) unit is written atomically and skipped when present.
+Table 2's layout; one unit per (model, mode), run and cached by ``studies.runner``.
 
     dit-probe run benchmark --model toy-mmdit
 """
@@ -25,15 +25,24 @@ Table 2's layout. Each (model, mode) unit is written atomically and skipped when
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass, field
+import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
-from .io import atomic_write, load_config, versions, write_csv, write_json
-from .stats import mean_ci
+from ..io import write_text
+from ..metrics import psnr, ssim
+from ..metrics.clip import Clip, clip_score, edit_probability
+from ..metrics.graded import graded_steps
+from ..metrics.lpips import LPIPS
+from ..stats import mean_ci
+from ..toyworld import ATTRIBUTES, SHAPES, Judge, render
+from ..toyworld.world import coverage, random_scene
+from .runner import Report, Study, Unit
+from .sources import EDITABLE, EditorSettings, background_mask, check_modes, phrase_for
 
 REQUIRED = ("id", "image", "source_prompt", "edit_prompt", "edit_feature", "object_class", "background_mask")
 OPTIONAL = ("edit_phrase", "roi", "source_value", "target_value")
@@ -101,8 +110,6 @@ def read_benchmark(folder) -> list[BenchmarkItem]:
 
 def write_benchmark(folder, items: list[BenchmarkItem]) -> Path:
     """Write items in the format (PNG images and masks, index.jsonl last and atomically)."""
-    from PIL import Image
-
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(parents=True, exist_ok=True)
@@ -113,18 +120,12 @@ def write_benchmark(folder, items: list[BenchmarkItem]) -> Path:
         rec = {k: v for k, v in asdict(it).items() if v is not None and k not in ("image", "background_mask")}
         rec.update(image=f"images/{it.id}.png", background_mask=f"masks/{it.id}.png")
         lines.append(json.dumps(rec))
-    return atomic_write(folder / "index.jsonl", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return write_text(folder / "index.jsonl", "\n".join(lines) + "\n")
 
 
-def toy_benchmark(per_class: int = 2, seed: int = 0, features=("color", "size", "shape")) -> list[BenchmarkItem]:
+def toy_benchmark(per_class: int = 2, seed: int = 0, features=EDITABLE) -> list[BenchmarkItem]:
     """Toy-world edits in the format: for every edit feature and object class (shape), ``per_class`` random
     scenes with that feature changed to a random other value; exact background masks and ROIs."""
-    import random
-
-    from ..toyworld import ATTRIBUTES, SHAPES, render
-    from ..toyworld.world import coverage, random_scene
-    from .toy_editing import background_mask, phrase_for
-
     rng = random.Random(seed)
     items = []
     for feature in features:
@@ -142,31 +143,21 @@ def toy_benchmark(per_class: int = 2, seed: int = 0, features=("color", "size", 
     return items
 
 
-@dataclass
-class BenchmarkConfig:
-    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
+class BenchmarkConfig(EditorSettings):
     data: str | None = None  # a benchmark folder; None: the toy benchmark, generated into <out>/data
     per_class: int = 2  # toy benchmark: edits per (feature, object class)
-    modes: list[str] = field(default_factory=lambda: ["eim", "prompt-only", "hsds-only", "dds", "sds"])
-    alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])
+    modes: list[str] = ["eim", "prompt-only", "hsds-only", "dds", "sds"]
+    alphas: list[float] = [0.0, 0.5, 1.0, 1.5]
     report_alpha: float = 1.0  # background and CLIP metrics are read at this alpha
-    strength: float = 0.75
     seed: int = 0
     judge: str = "toy"  # toy (needs target_value) | clip
     clip: str | None = None  # CLIP model for CLIPScore and the clip judge (hub id or folder)
     lpips: str | None = None  # AlexNet weights for LPIPS: a file, or "torchvision"; None: no LPIPS column
     graded_delta: float = 0.02
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
     chunk: int = 16  # edits per editor call
-    bootstrap: int = 1000
 
-    def validate(self):
-        from ..editing import MODES
-
-        bad = [m for m in self.modes if m not in MODES or m == "reference"]
-        if bad:
-            raise ValueError(f"modes {bad} are not available; choose from {[m for m in MODES if m != 'reference']}")
+    def check(self):
+        check_modes(self.modes)
         if float(self.report_alpha) not in [float(a) for a in self.alphas]:
             raise ValueError(f"report_alpha {self.report_alpha} must be one of the alphas {self.alphas}")
         if len(self.alphas) < 2:
@@ -182,8 +173,6 @@ def _judge_scores(cfg, items, images, clip):
     n, a = images.shape[:2]
     flat = images.reshape(n * a, *images.shape[2:])
     if cfg.judge == "toy":
-        from ..toyworld import ATTRIBUTES, Judge
-
         scores = Judge().scores(flat)
         out = np.empty((n, a))
         for i, it in enumerate(items):
@@ -194,18 +183,12 @@ def _judge_scores(cfg, items, images, clip):
             col = ATTRIBUTES[it.edit_feature].index(it.target_value)
             out[i] = scores[it.edit_feature][i * a:(i + 1) * a, col]
         return out
-    from ..metrics.clip import edit_probability
-
     src = [it.source_prompt for it in items for _ in range(a)]
     tgt = [it.edit_prompt for it in items for _ in range(a)]
     return edit_probability(clip, flat, src, tgt).reshape(n, a)
 
 
 def run_unit(editor, items, mode, cfg, clip=None, lpips=None) -> pd.DataFrame:
-    from ..metrics import psnr, ssim
-    from ..metrics.clip import clip_score
-    from ..metrics.graded import graded_steps
-
     alphas = [float(a) for a in cfg.alphas]
     k = alphas.index(float(cfg.report_alpha))
     rows = []
@@ -236,8 +219,6 @@ def run_unit(editor, items, mode, cfg, clip=None, lpips=None) -> pd.DataFrame:
 
 def _at_size(array, size):
     """An image or mask resized to the model's (square) size: the editor works there (nearest for masks)."""
-    from PIL import Image
-
     if array.shape[0] == size and array.shape[1] == size:
         return array
     if array.dtype == bool:
@@ -280,62 +261,34 @@ def markdown_table(table: pd.DataFrame, cfg: BenchmarkConfig) -> str:
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 
-def run(cfg: BenchmarkConfig, out="runs/benchmark", figures=None, log=print) -> pd.DataFrame:
-    from ..editing import EIMEditor
-    from ..registry import load_pipeline
-
-    cfg.validate()
-    out = Path(out)
+def _prepare(cfg: BenchmarkConfig, out: Path):
     data = Path(cfg.data) if cfg.data else out / "data"
     if not cfg.data and not (data / "index.jsonl").exists():
         write_benchmark(data, toy_benchmark(cfg.per_class, cfg.seed))
-        log(f"toy benchmark written to {data}")
-    items = read_benchmark(data)
-    clip = lpips = None
-    if cfg.clip:
-        from ..metrics.clip import Clip
+    return {"items": read_benchmark(data), "clip": Clip(cfg.clip) if cfg.clip else None,
+            "lpips": LPIPS(cfg.lpips) if cfg.lpips else None}
 
-        clip = Clip(cfg.clip)
-    if cfg.lpips:
-        from ..metrics.lpips import LPIPS
 
-        lpips = LPIPS(cfg.lpips)
-    write_json(out / "config.json", asdict(cfg))
-    started, frames = time.time(), []
-    for model in cfg.models:
-        editor = None
-        for mode in cfg.modes:
-            path = out / model / f"{mode}.csv"
-            if path.exists():
-                frames.append(pd.read_csv(path))
-                continue
-            if editor is None:
-                editor = EIMEditor(load_pipeline(model), strength=cfg.strength, num_inference_steps=cfg.num_inference_steps,
-                                   guidance_scale=cfg.guidance_scale)
-            t0 = time.time()
-            frame = run_unit(editor, items, mode, cfg, clip, lpips)
-            frame.insert(0, "model", model)
-            write_csv(path, frame)
-            frames.append(frame)
-            log(f"{model} {mode:<11} PSNR {frame.psnr.mean():.1f}  SSIM {frame.ssim.mean():.3f}  P(target) "
-                f"{frame.judge_target.mean():.2f}  graded {frame.graded.mean():.0%}  ({time.time() - t0:.0f} s)")
-    edits = pd.concat(frames, ignore_index=True)
+def _report(cfg: BenchmarkConfig, results, out) -> Report:
+    edits = pd.concat([r.frame for r in results], ignore_index=True)
     table = summarise(edits, cfg.bootstrap)
-    write_csv(out / "edits.csv", edits)
-    write_csv(out / "table.csv", table)
     md = markdown_table(table, cfg)
-    (out / "table.md").write_text(md)
-    write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1),
-                                  "edits": len(items), "data": str(data)})
-    if figures:
-        fig_dir = Path(figures)
-        fig_dir.mkdir(parents=True, exist_ok=True)
-        (fig_dir / "benchmark-table2.md").write_text(md)
-        write_csv(fig_dir / "benchmark-table2.csv", table)
-    log(md)
-    log(f"results: {out}")
-    return table
+    return Report(table, files={"edits.csv": edits, "table.csv": table, "table.md": md},
+                  figures={"benchmark-table2.md": md, "benchmark-table2.csv": table}, text=md)
 
 
-def config_from(path=None, **overrides) -> BenchmarkConfig:
-    return load_config(BenchmarkConfig, path, **overrides)
+STUDY = Study(
+    name="benchmark",
+    help="ZOPIE-style editing benchmark: background PSNR/SSIM/LPIPS, CLIPScore, graded-edit (Table 2)",
+    config=BenchmarkConfig,
+    units=lambda cfg: [Unit(m, (("mode", mode),)) for m in cfg.models for mode in cfg.modes],
+    prepare=_prepare, setup=lambda cfg, model, shared: (cfg.editor(model), shared),
+    compute=lambda ctx, unit, cfg: (run_unit(ctx[0], ctx[1]["items"], unit["mode"], cfg, ctx[1]["clip"],
+                                             ctx[1]["lpips"]), None),
+    report=_report, axes=("models", "modes"),
+    paper="Table 2: background PSNR/SSIM, judge P(target), graded-edit score", toy_config="benchmark-toy.yaml",
+    paper_config="benchmark-paper.yaml", figure_files=("benchmark-table2.md", "benchmark-table2.csv"),
+    summary_line=lambda f: (f"PSNR {f.psnr.mean():.1f}  SSIM {f.ssim.mean():.3f}  P(target) {f.judge_target.mean():.2f}"
+                            f"  graded {f.graded.mean():.0%}"),
+)
+run, config_from = STUDY.run, STUDY.config_from

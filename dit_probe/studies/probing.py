@@ -6,23 +6,28 @@ steps, at every step pooled over layers, and pooled over both, train colour prob
 maps and measure them on held-out colour-token maps (does the probe work?) and on the object-token
 maps of the same images (leakage); and the reverse direction (object probes on object-token maps,
 applied to colour-token maps). Output: ``probing.csv`` (one row per model, direction, layer, step,
-metric, class) and three figures.
+metric, class) and three figures. One unit per model, run and cached by ``studies.runner``; inside it
+the dataset's (object, seed) shards are kept in ``<out>/datasets/`` and resume on their own.
 
     dit-probe run probing --model toy-mmdit --model toy-unet
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
+from joblib import Parallel, delayed
 
+from ..io import settings_hash
 from ..probing import dataset as ds
+from ..probing import plots
 from ..probing.probes import ProbeSettings, check_design, probe
-from .io import load_config, versions, write_csv, write_json
+from ..registry import load_pipeline, model_identity, sampling_settings
+from ..toyworld import TOY_MODELS, Judge
+from .runner import Report, Study, StudyConfig, Unit
 
 _TOY_COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan"]
 _TOY_OBJECTS = ["circle", "square", "triangle", "star", "heart", "cross", "ring", "diamond"]
@@ -32,13 +37,11 @@ DIRECTIONS = {  # direction -> (token the probe is trained on, the other token, 
 }
 
 
-@dataclass
-class ProbingConfig:
+class ProbingConfig(StudyConfig):
     """Defaults are the toy-world run (both toy models, 8 colours x 8 shapes x 8 seeds, on a CPU)."""
 
-    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
-    colors: list[str] = field(default_factory=lambda: list(_TOY_COLORS))
-    objects: list[str] = field(default_factory=lambda: list(_TOY_OBJECTS))
+    colors: list[str] = list(_TOY_COLORS)
+    objects: list[str] = list(_TOY_OBJECTS)
     template: str = "a {color} {object}"
     seeds: int = 8  # seeds per (colour, object); the same seeds for every colour and object
     first_seed: int = 0
@@ -47,13 +50,12 @@ class ProbingConfig:
     guidance_scale: float | None = None
     size: int | None = None
     layers: list[str] | None = None  # canonical layer names or globs; None: every layer with text keys
-    steps: list[int] | None = None  # recorded steps; None: every ``step_stride``-th step and the last
+    recorded_steps: list[int] | None = None  # None: every ``step_stride``-th step and the last
     step_stride: int = 3
-    grid: list[int] | None = field(default_factory=lambda: [8, 8])  # common map grid; None: largest, <= 32
+    grid: list[int] | None = [8, 8]  # common map grid; None: largest, <= 32
     normalise: str = "sum"  # per map: 'sum' (a distribution over positions), 'zscore' or 'none'
     folds: int = 5
     C: float = 0.1  # inverse L2 strength of the logistic regressions
-    bootstrap: int = 1000
     ci: float = 0.95
     n_jobs: int = -1  # probe fits in parallel over (layer, step) units
     split_words: str = "sum"  # a word the tokenizer splits: 'sum' its pieces or 'refuse'
@@ -63,7 +65,10 @@ class ProbingConfig:
     example_object: str | None = None  # the example-maps figure (default: the first object and seed)
     random_state: int = 0
 
-    def validate(self) -> None:
+    # the figures only: no unit depends on them (bootstrap is part of the probes' CIs, so it is kept)
+    REPORT_ONLY = ("example_object", "n_jobs")
+
+    def check(self) -> None:
         if not self.models:
             raise ds.ProbingInputError("give at least one model (--model NAME)")
         if self.seeds < 1:
@@ -99,12 +104,10 @@ class ProbingConfig:
 
 
 def _recorded_steps(cfg: ProbingConfig, pipe) -> list[int] | None:
-    if cfg.steps is not None:
-        return list(cfg.steps)
+    if cfg.recorded_steps is not None:
+        return list(cfg.recorded_steps)
     if cfg.step_stride == 1:
         return None
-    from ..registry import sampling_settings
-
     total = cfg.num_inference_steps or sampling_settings(pipe).get("num_inference_steps")
     if total is None:
         raise ds.ProbingInputError("this pipeline has no default step count: set num_inference_steps or steps")
@@ -116,10 +119,6 @@ def _folder_name(model: str) -> str:
 
 
 def _load(cfg: ProbingConfig, model: str):
-    import torch
-
-    from ..registry import load_pipeline
-
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     return load_pipeline(model, torch_dtype=dtype, device=device)
@@ -127,12 +126,8 @@ def _load(cfg: ProbingConfig, model: str):
 
 def _annotator(model: str):
     """The toy world's judge reads every generated image back (is the prompted colour there?)."""
-    from ..toyworld import TOY_MODELS
-
     if model not in TOY_MODELS:
         return None
-    from ..toyworld import Judge
-
     judge = Judge()
     return lambda images: judge.read(images)
 
@@ -158,8 +153,6 @@ def _probe_unit(data, layer, step, normalise, settings):
 
 
 def probe_dataset(data: ds.ProbeDataset, cfg: ProbingConfig, log=print) -> pd.DataFrame:
-    from joblib import Parallel, delayed
-
     settings = cfg.probe_settings()
     check_design(data.colors, data.seeds, settings.folds)
     units = probe_units(data)
@@ -176,12 +169,6 @@ def probe_dataset(data: ds.ProbeDataset, cfg: ProbingConfig, log=print) -> pd.Da
     return frame
 
 
-def _probe_signature(cfg: ProbingConfig, data: ds.ProbeDataset) -> dict:
-    keys = ("normalise", "folds", "C", "bootstrap", "ci", "random_state")
-    return {**{k: getattr(cfg, k) for k in keys}, "images": len(data),
-            "seeds": sorted({int(s) for s in data.seeds}), "objects": sorted(set(data.objects))}
-
-
 def judged(data: ds.ProbeDataset) -> dict:
     """Share of images in which the judge reads the prompted colour / object (toy models only)."""
     notes = data.annotations
@@ -192,44 +179,43 @@ def judged(data: ds.ProbeDataset) -> dict:
     return {"judged_color_match": sum(color) / len(color), "judged_object_match": sum(shape) / len(shape)}
 
 
-def run(cfg: ProbingConfig, out="runs/probing", figures=None, log=print) -> pd.DataFrame:
-    """Run the study for every model of ``cfg``; resumes from whatever ``out`` already holds."""
-    cfg.validate()
-    out = Path(out)
-    started = time.time()
-    write_json(out / "config.json", asdict(cfg))
-    frames, summaries = [], {}
-    for model in cfg.models:
-        folder = out / _folder_name(model)
-        t0 = time.time()
-        pipe = _load(cfg, model)
-        grid = cfg.grid_for(_recorded_steps(cfg, pipe))
-        data = ds.build(pipe, model, grid, folder, annotate=_annotator(model), log=log)
-        del pipe
-        t1 = time.time()
-        sig_path, csv_path = folder / "probes.json", folder / "probes.csv"
-        signature = _probe_signature(cfg, data)
-        if csv_path.exists() and sig_path.exists() and json.loads(sig_path.read_text()) == signature:
-            log(f"  {model}: probes already computed ({csv_path})")
-            frame = pd.read_csv(csv_path, dtype={"step": str, "class": str})
-        else:
-            frame = probe_dataset(data, cfg, log)
-            write_csv(csv_path, frame)
-            write_json(sig_path, signature)
-        frames.append(frame)
-        summaries[model] = {**judged(data), "dataset_s": round(t1 - t0, 1), "probes_s": round(time.time() - t1, 1)}
-        log(summary_line(frame, summaries[model]))
-    table = pd.concat(frames, ignore_index=True)
-    write_csv(out / "probing.csv", table)
-    write_json(out / "run.json", {"versions": versions(), "models": summaries, "seconds": round(time.time() - started, 1)})
-    from ..probing import plots
+def _compute(ctx, unit: Unit, cfg: ProbingConfig):
+    """The dataset (generated shard by shard, resumable) and every probe of one model."""
+    pipe, out = ctx
+    grid = cfg.grid_for(_recorded_steps(cfg, pipe))
+    key = settings_hash({"model": model_identity(unit.model), "grid": grid.identity()})
+    folder = out / "datasets" / f"{_folder_name(unit.model)}-{key}"
+    t0 = time.time()
+    data = ds.build(pipe, unit.model, grid, folder, annotate=_annotator(unit.model), log=lambda m: None)
+    t1 = time.time()
+    frame = probe_dataset(data, cfg, log=lambda m: None)
+    frame["dataset"] = folder.relative_to(out).as_posix()
+    extra = {**judged(data), "dataset_s": round(t1 - t0, 1), "probes_s": round(time.time() - t1, 1)}
+    for k, v in extra.items():
+        frame[k] = v
+    return frame, None
 
-    fig_dir = Path(figures) if figures else out / "figures"
-    datasets = {m: ds.ProbeDataset.load(out / _folder_name(m)) for m in cfg.models}
-    paths = plots.save_all(table, datasets, fig_dir, example_object=cfg.example_object or cfg.objects[0],
-                           example_seed=cfg.first_seed)
-    log(f"table: {out / 'probing.csv'}\nfigures: " + ", ".join(str(p) for p in paths))
-    return table
+
+def _report(cfg: ProbingConfig, results, out: Path) -> Report:
+    table = pd.concat([r.frame for r in results], ignore_index=True)
+    datasets = {r.unit.model: ds.ProbeDataset.load(out / r.frame.dataset.iloc[0]) for r in results}
+    figures = plots.figures(table, datasets, example_object=cfg.example_object or cfg.objects[0],
+                            example_seed=cfg.first_seed)
+    text = "\n".join(summary_line(r.frame) for r in results)
+    return Report(table, files={"probing.csv": table}, figures=figures, text=text)
+
+
+STUDY = Study(
+    name="probing", help="colour/object probes on attention maps (Fig. 7)", config=ProbingConfig,
+    units=lambda cfg: [Unit(m) for m in cfg.models], prepare=lambda cfg, out: out,
+    setup=lambda cfg, model, out: (_load(cfg, model), out),
+    compute=_compute, report=_report,
+    paper="Fig. 7: colour probes on colour- and object-word attention maps", toy_config="probing-toy.yaml",
+    paper_config="probing-paper.yaml",
+    figure_files=("probing-fig7.png", "probing-layers-steps.png", "probing-example-maps.png"),
+    read_csv={"dtype": {"step": str, "class": str}},
+)
+run, config_from = STUDY.run, STUDY.config_from
 
 
 def pooled(table: pd.DataFrame, model: str, direction: str = "color") -> dict:
@@ -239,7 +225,7 @@ def pooled(table: pd.DataFrame, model: str, direction: str = "color") -> dict:
     return {r.metric: r for r in sel.itertuples()}
 
 
-def summary_line(frame: pd.DataFrame, extra: dict) -> str:
+def summary_line(frame: pd.DataFrame) -> str:
     model = frame.model.iloc[0]
     p = pooled(frame, model)
 
@@ -256,11 +242,7 @@ def summary_line(frame: pd.DataFrame, extra: dict) -> str:
         p = r
         lines += [f"    object probe on object-token maps:                   {fmt('accuracy')}",
                   f"    same probe on colour-token maps (reverse leakage):   {fmt('leakage')}"]
-    if extra.get("judged_color_match") is not None:
-        lines.append(f"    judge: prompted colour in {extra['judged_color_match']:.1%} of images, "
-                     f"prompted shape in {extra['judged_object_match']:.1%}")
+    if "judged_color_match" in frame:
+        lines.append(f"    judge: prompted colour in {frame.judged_color_match.iloc[0]:.1%} of images, "
+                     f"prompted shape in {frame.judged_object_match.iloc[0]:.1%}")
     return "\n".join(lines)
-
-
-def config_from(path=None, **overrides) -> ProbingConfig:
-    return load_config(ProbingConfig, path, **overrides)

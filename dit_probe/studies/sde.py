@@ -9,46 +9,44 @@ took (``flip_success``) and whether c kept the value (``kept_success``), so a lo
 against what actually happened.
 
 Results: ``sde.csv`` (per image and seed), ``summary.csv`` (means with 95% bootstrap CIs over images),
-``table.md`` (Table 3 layout) and a bar figure. Each (model, attribute) unit is written atomically and
-skipped when present.
+``table.md`` (Table 3 layout) and a bar figure; one unit per (model, attribute), run and cached by
+``studies.runner``.
 
     dit-probe run sde
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from types import SimpleNamespace
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .io import load_config, save_figures, versions, write_csv, write_json
-from .stats import mean_ci
+from ..adapters.base import check_strength
+from ..editing import EIMEditor
+from ..metrics.sde import NORMS, sde
+from ..registry import load_pipeline
+from ..stats import mean_ci
+from .runner import PAPER_STRENGTH, Report, Study, StudyConfig, Unit
+from .sources import make_source
 
 
-@dataclass
-class SDEConfig:
-    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
+class SDEConfig(StudyConfig):
     source: str = "toy"  # toy | celeba
     celeba: str | None = None
     clip: str | None = None
-    attributes: list[str] = field(default_factory=lambda: ["color", "shape", "size", "background"])
+    attributes: list[str] = ["color", "shape", "size", "background"]
     n: int = 40  # images per attribute
     seeds: int = 2  # noise samples per image
-    strength: float = 0.75  # the forward timestep t, as a fraction of the schedule
+    strength: float = PAPER_STRENGTH  # the forward timestep t, as a fraction of the schedule
     norm: str = "rms"  # rms (pixels in [0, 1], resolution-independent) or l2 (the paper's literal norm)
     seed: int = 0
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     batch_size: int | None = None
-    bootstrap: int = 1000
 
-    def validate(self, source=None):
-        from ..adapters.base import check_strength
-        from ..metrics.sde import NORMS
-
+    def check(self):
         try:
             check_strength(self.strength)
         except ValueError:
@@ -58,14 +56,22 @@ class SDEConfig:
             raise ValueError(f"unknown norm {self.norm!r}; choose from {NORMS}")
         if self.n < 2 or self.seeds < 1:
             raise ValueError(f"need n >= 2 images and seeds >= 1, got n={self.n}, seeds={self.seeds}")
-        if source is not None:
-            for a in self.attributes:
-                source.check(a)
+
+
+def _prepare(cfg: SDEConfig, out):
+    source = make_source(cfg.source, cfg.celeba, cfg.attributes, cfg.clip)
+    for a in cfg.attributes:
+        source.check(a)
+    return source
+
+
+def _setup(cfg: SDEConfig, model: str, source) -> SimpleNamespace:
+    return SimpleNamespace(source=source, editor=EIMEditor(
+        load_pipeline(model), strength=cfg.strength, num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size))
 
 
 def run_unit(editor, source, attribute: str, cfg: SDEConfig) -> pd.DataFrame:
-    from ..metrics.sde import sde
-
     items = source.sample(cfg.n, cfg.seed * 7 + list(source.values).index(attribute), binary=attribute, size=editor.size)
     images = np.repeat(items.images, cfg.seeds, axis=0)
     labels = [lab for lab in items.labels for _ in range(cfg.seeds)]
@@ -117,8 +123,6 @@ def markdown_table(summary: pd.DataFrame, norm: str) -> str:
 
 
 def plot_bars(summary: pd.DataFrame):
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(summary.model))
     attrs = list(dict.fromkeys(summary.attribute))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -138,46 +142,22 @@ def plot_bars(summary: pd.DataFrame):
     return fig
 
 
-def run(cfg: SDEConfig, out="runs/sde", figures=None, log=print) -> pd.DataFrame:
-    from ..editing import EIMEditor
-    from ..registry import load_pipeline
-    from .sources import make_source
-
-    cfg.validate()
-    source = make_source(cfg.source, cfg.celeba, cfg.attributes, cfg.clip)
-    cfg.validate(source)
-    out = Path(out)
-    write_json(out / "config.json", asdict(cfg))
-    started, frames = time.time(), []
-    for model in cfg.models:
-        editor = None
-        for attr in cfg.attributes:
-            path = out / model / f"{attr}.csv"
-            if path.exists():
-                frames.append(pd.read_csv(path))
-                continue
-            if editor is None:
-                editor = EIMEditor(load_pipeline(model), strength=cfg.strength, num_inference_steps=cfg.num_inference_steps,
-                                   guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
-            t0 = time.time()
-            frame = run_unit(editor, source, attr, cfg)
-            frame.insert(0, "model", model)
-            write_csv(path, frame)
-            frames.append(frame)
-            log(f"{model} {attr:<10} SDE {frame.sde.mean():.3f}  flip took {frame.flip_success.mean():.0%}  "
-                f"({time.time() - t0:.0f} s)")
-    rows = pd.concat(frames, ignore_index=True)
+def _report(cfg: SDEConfig, results, out) -> Report:
+    rows = pd.concat([r.frame for r in results], ignore_index=True)
     summary = summarise(rows, cfg.bootstrap)
-    write_csv(out / "sde.csv", rows)
-    write_csv(out / "summary.csv", summary)
     table = markdown_table(summary, cfg.norm)
-    (out / "table.md").write_text(table)
-    write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1), "norm": cfg.norm})
-    fig_dir = save_figures(out, figures, {"sde-table3.png": plot_bars(summary)}, {"sde-table3.md": table})
-    log(table)
-    log(f"results: {out}  figures: {fig_dir}")
-    return summary
+    return Report(summary, files={"sde.csv": rows, "summary.csv": summary, "table.md": table},
+                  figures={"sde-table3.png": plot_bars(summary), "sde-table3.md": table}, text=table)
 
 
-def config_from(path=None, **overrides) -> SDEConfig:
-    return load_config(SDEConfig, path, **overrides)
+STUDY = Study(
+    name="sde", help="the SDE disentanglement metric per model and binary attribute (Table 3)", config=SDEConfig,
+    units=lambda cfg: [Unit(m, (("attribute", a),)) for m in cfg.models for a in cfg.attributes],
+    prepare=_prepare, setup=_setup,
+    compute=lambda ctx, unit, cfg: (run_unit(ctx.editor, ctx.source, unit["attribute"], cfg), None),
+    report=_report, axes=("models", "attributes"),
+    paper="Table 3: the SDE metric per model and attribute", toy_config="sde-toy.yaml", paper_config="sde-paper.yaml",
+    figure_files=("sde-table3.png", "sde-table3.md"),
+    summary_line=lambda f: f"SDE {f.sde.mean():.3f}  flip took {f.flip_success.mean():.0%}",
+)
+run, config_from = STUDY.run, STUDY.config_from

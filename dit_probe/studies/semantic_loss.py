@@ -11,48 +11,45 @@ and, as a control, where it is present (full).
 Results: ``retention.csv`` (one row per image, seed, prompt, attribute and strength), ``summary.csv``
 (retention per model, prompt, attribute and strength with a 95% bootstrap CI over images, the
 strength's timestep and log-SNR, and chance), ``table.md`` and two figures: curves vs strength and
-vs log-SNR, and an image grid. Each (model, strength) unit is written atomically and skipped when
-present, so an interrupted run resumes.
+vs log-SNR, and an image grid; one unit per (model, strength), run and cached by ``studies.runner``.
 
     dit-probe run semantic-loss
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from types import SimpleNamespace
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .io import load_config, read_arrays, save_figures, versions, write_arrays, write_csv, write_json
-from .stats import mean_ci
+from ..adapters.base import check_strength
+from ..editing import EIMEditor
+from ..registry import load_pipeline
+from ..stats import mean_ci
+from .runner import Report, Study, StudyConfig, Unit
+from .sources import make_source
 
 PROMPTS = ("full", "omit", "empty")
 
 
-@dataclass
-class SemanticLossConfig:
-    models: list[str] = field(default_factory=lambda: ["toy-mmdit", "toy-unet"])
+class SemanticLossConfig(StudyConfig):
     source: str = "toy"  # toy | celeba
     celeba: str | None = None  # the CelebA folder (source celeba)
     clip: str | None = None  # the CLIP judge's model for real images (hub id or folder)
-    attributes: list[str] = field(default_factory=lambda: ["color", "shape", "size", "background"])
-    strengths: list[float] = field(default_factory=lambda: [0.15, 0.35, 0.55, 0.75, 0.95])
-    prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
+    attributes: list[str] = ["color", "shape", "size", "background"]
+    strengths: list[float] = [0.15, 0.35, 0.55, 0.75, 0.95]
+    prompts: list[str] = list(PROMPTS)
     n: int = 32  # images
     seeds: int = 2  # noise samples per image
     seed: int = 0
     num_inference_steps: int | None = None  # None: the model's default
     guidance_scale: float | None = None
     batch_size: int | None = None
-    bootstrap: int = 1000
     examples: int = 1  # images shown in the grid figure, per model
 
-    def validate(self, source=None):
-        from ..adapters.base import check_strength
-
+    def check(self):
         if not self.strengths:
             raise ValueError("give at least one strength")
         for s in self.strengths:
@@ -66,9 +63,25 @@ class SemanticLossConfig:
             raise ValueError(f"unknown prompt kind(s) {bad}; choose from {list(PROMPTS)}")
         if self.n < 2 or self.seeds < 1:
             raise ValueError(f"need n >= 2 images and seeds >= 1, got n={self.n}, seeds={self.seeds}")
-        if source is not None:
-            for a in self.attributes:
-                source.check(a)
+
+
+def _prepare(cfg: SemanticLossConfig, out):
+    source = make_source(cfg.source, cfg.celeba, cfg.attributes, cfg.clip)
+    for a in cfg.attributes:
+        source.check(a)
+    return source
+
+
+def _setup(cfg: SemanticLossConfig, model: str, source) -> SimpleNamespace:
+    pipe = load_pipeline(model)
+    size = EIMEditor(pipe).size
+    return SimpleNamespace(pipe=pipe, source=source, items=source.sample(cfg.n, cfg.seed, size=size))
+
+
+def _compute(ctx, unit: Unit, cfg: SemanticLossConfig):
+    editor = EIMEditor(ctx.pipe, strength=unit["strength"], num_inference_steps=cfg.num_inference_steps,
+                       guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
+    return run_unit(editor, ctx.source, ctx.items, cfg)
 
 
 def run_unit(editor, source, items, cfg: SemanticLossConfig) -> tuple[pd.DataFrame, dict]:
@@ -142,8 +155,6 @@ def markdown_table(summary: pd.DataFrame) -> str:
 
 def plot_curves(summary: pd.DataFrame):
     """Fig. 13-style curves: retention vs strength and vs log-SNR; omit solid, full dashed, empty dotted."""
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(summary.model))
     attrs = list(dict.fromkeys(summary.attribute))
     colours = dict(zip(attrs, plt.cm.tab10.colors))
@@ -175,8 +186,6 @@ def plot_curves(summary: pd.DataFrame):
 
 def plot_grid(examples: dict, strengths: list[float]):
     """Per model: rows = strengths, columns = source, full, each omit variant, empty (first example image)."""
-    import matplotlib.pyplot as plt
-
     models = list(examples)
     cols = list(examples[models[0]][strengths[0]])
     fig, axes = plt.subplots(len(models) * len(strengths), len(cols),
@@ -197,58 +206,33 @@ def plot_grid(examples: dict, strengths: list[float]):
     return fig
 
 
-def run(cfg: SemanticLossConfig, out="runs/semantic-loss", figures=None, log=print) -> pd.DataFrame:
-    from ..editing import EIMEditor
-    from ..registry import load_pipeline
-    from .sources import make_source
-
-    cfg.validate()
-    source = make_source(cfg.source, cfg.celeba, cfg.attributes, cfg.clip)
-    cfg.validate(source)
-    out = Path(out)
-    write_json(out / "config.json", asdict(cfg))
-    started, frames, examples = time.time(), [], {}
-    for model in cfg.models:
-        pipe, items = None, None
-        examples[model] = {}
-        for s in cfg.strengths:
-            path = out / model / f"strength-{s:g}.csv"
-            ex_path = out / model / f"examples-{s:g}.npz"
-            if path.exists() and ex_path.exists():
-                frames.append(pd.read_csv(path, keep_default_na=False))
-                examples[model][s] = read_arrays(ex_path)
-                continue
-            if pipe is None:
-                pipe = load_pipeline(model)
-            editor = EIMEditor(pipe, strength=s, num_inference_steps=cfg.num_inference_steps,
-                               guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
-            if items is None:
-                items = source.sample(cfg.n, cfg.seed, size=editor.size)
-            t0 = time.time()
-            frame, ex = run_unit(editor, source, items, cfg)
-            frame.insert(0, "model", model)
-            write_arrays(ex_path, **ex)
-            write_csv(path, frame)
-            frames.append(frame)
-            examples[model][s] = ex
-            om = frame[frame.prompt == "omit"].groupby("attribute").retained.mean()
-            log(f"{model} strength {s:g}: retention with the word omitted "
-                + ", ".join(f"{a} {v:.0%}" for a, v in om.items()) + f"  ({time.time() - t0:.0f} s)")
-    rows = pd.concat(frames, ignore_index=True)
+def _report(cfg: SemanticLossConfig, results, out) -> Report:
+    rows = pd.concat([r.frame for r in results], ignore_index=True)
     rows["omitted"] = rows["omitted"].fillna("")
-    summary = summarise(rows, source.values, cfg.bootstrap)
-    write_csv(out / "retention.csv", rows)
-    write_csv(out / "summary.csv", summary)
+    summary = summarise(rows, make_source(cfg.source, cfg.celeba, cfg.attributes, cfg.clip).values, cfg.bootstrap)
+    examples = {}
+    for r in results:
+        examples.setdefault(r.unit.model, {})[r.unit["strength"]] = r.arrays
     table = markdown_table(summary)
-    (out / "table.md").write_text(table)
-    write_json(out / "run.json", {"versions": versions(), "seconds": round(time.time() - started, 1)})
-    fig_dir = save_figures(out, figures, {"semantic-loss-curves.png": plot_curves(summary),
-                                          "semantic-loss-grid.png": plot_grid(examples, list(cfg.strengths))},
-                           {"semantic-loss-table.md": table})
-    log(table)
-    log(f"results: {out}  figures: {fig_dir}")
-    return summary
+    return Report(summary, files={"retention.csv": rows, "summary.csv": summary, "table.md": table},
+                  figures={"semantic-loss-curves.png": plot_curves(summary),
+                           "semantic-loss-grid.png": plot_grid(examples, list(cfg.strengths)),
+                           "semantic-loss-table.md": table}, text=table)
 
 
-def config_from(path=None, **overrides) -> SemanticLossConfig:
-    return load_config(SemanticLossConfig, path, **overrides)
+def _line(frame: pd.DataFrame) -> str:
+    om = frame[frame.prompt == "omit"].groupby("attribute").retained.mean()
+    return "retention with the word omitted " + ", ".join(f"{a} {v:.0%}" for a, v in om.items())
+
+
+STUDY = Study(
+    name="semantic-loss", help="attribute retention vs forward strength with full / omit / empty prompts (Fig. 13)",
+    config=SemanticLossConfig,
+    units=lambda cfg: [Unit(m, (("strength", float(s)),)) for m in cfg.models for s in cfg.strengths],
+    prepare=_prepare, setup=_setup, compute=_compute, report=_report, axes=("models", "strengths"),
+    paper="Fig. 13: attributes lost with forward strength when unnamed", toy_config="semantic-loss-toy.yaml",
+    paper_config="semantic-loss-paper.yaml",
+    figure_files=("semantic-loss-curves.png", "semantic-loss-grid.png", "semantic-loss-table.md"),
+    read_csv={"keep_default_na": False}, summary_line=_line,
+)
+run, config_from = STUDY.run, STUDY.config_from

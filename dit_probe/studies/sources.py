@@ -18,6 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ..editing import MODES, EIMEditor
+from ..metrics import psnr, ssim
+from ..registry import load_pipeline
+from ..toyworld import ATTRIBUTES, Judge, caption, render_many, scenes
+from ..toyworld.world import IMAGE_SIZE, coverage, random_scene
+from .runner import PAPER_STRENGTH, StudyConfig
 
 
 @dataclass
@@ -36,8 +45,6 @@ class ToySource:
              "background": ("black", "white")}
 
     def __init__(self):
-        from ..toyworld import ATTRIBUTES, Judge
-
         self.values = dict(ATTRIBUTES)
         self.judge = Judge()
 
@@ -45,8 +52,6 @@ class ToySource:
         self.judge.check(attribute)
 
     def caption(self, labels: dict, drop=()) -> str:
-        from ..toyworld import caption
-
         return caption(labels, drop)
 
     def flip(self, attribute: str, value: str) -> str:
@@ -59,9 +64,6 @@ class ToySource:
     def sample(self, n: int, seed: int, binary: str | None = None, size: int | None = None) -> Items:
         """n random scenes; with ``binary``, that attribute drawn from its pair (for SDE). Renders are
         the toy models' 32x32; another ``size`` is refused (the toy judge reads 32x32 only)."""
-        from ..toyworld import render_many, scenes
-        from ..toyworld.world import IMAGE_SIZE, random_scene
-
         if size not in (None, IMAGE_SIZE):
             raise ValueError(f"toy renders are {IMAGE_SIZE}x{IMAGE_SIZE}; this model works at {size}: use a toy model")
 
@@ -165,8 +167,6 @@ class CelebASource:
         return neg if value == pos else pos
 
     def _load(self, name, size: int) -> np.ndarray:
-        from PIL import Image
-
         path = self.images_dir / name
         if not path.exists():
             raise CelebAError(f"image {name} listed in list_attr_celeba.txt is not in {self.images_dir}; "
@@ -199,20 +199,128 @@ def make_source(kind: str = "toy", celeba=None, attributes=None, clip=None):
     raise ValueError(f"unknown image source {kind!r}; choose 'toy' or 'celeba'")
 
 
+# ----- edits with known targets (the editing studies share them) -----
+EDITABLE = ("color", "size", "shape")  # toy attributes an edit can change (background is the scene itself)
+EDIT_MODES = [m for m in MODES if m != "reference"]  # the modes a study can run without reference images
+
+
+def toy_edit_pairs(attribute: str, n: int, seed: int):
+    """n (source scene, target scene) pairs that differ only in ``attribute`` (the target value uniform
+    over the other values)."""
+    rng = random.Random(seed * 7919 + EDITABLE.index(attribute))
+    pairs = []
+    for s in scenes(n, seed=seed * 1000 + EDITABLE.index(attribute)):
+        value = rng.choice([v for v in ATTRIBUTES[attribute] if v != getattr(s, attribute)])
+        pairs.append((s, type(s)(**{**s.to_dict(), attribute: value})))
+    return pairs
+
+
+def phrase_for(scene, attribute: str) -> str:
+    """The target attribute alone, as an in-distribution toy caption: 'a blue shape', 'a large shape', 'a star'."""
+    return scene.caption(drop=tuple(a for a in ATTRIBUTES if a != attribute))
+
+
+def background_mask(source, target) -> np.ndarray:
+    """Pixels that are background in both renders (no object coverage in either)."""
+    return (coverage(source) == 0) & (coverage(target) == 0)
+
+
+def edit_set(source, attribute: str, n: int, seed: int, size: int | None = None) -> dict:
+    """The edits of one attribute: source images and labels, target labels, captions, target phrases,
+    background masks, and (toy) the target renders. Toy: random scenes with the attribute changed to a
+    random other value, exact background masks. CelebA: the binary attribute flipped; no masks (the
+    whole image is scored) and no target images."""
+    if isinstance(source, ToySource):
+        pairs = toy_edit_pairs(attribute, n, seed)
+        return {"rgb": render_many([s for s, _ in pairs]), "sources": [s.attributes for s, _ in pairs],
+                "targets": [t.attributes for _, t in pairs], "phrases": [phrase_for(t, attribute) for _, t in pairs],
+                "masks": np.stack([background_mask(s, t) for s, t in pairs]),
+                "target_rgb": render_many([t for _, t in pairs])}
+    items = source.sample(n, seed, size=size)
+    targets = [{**lab, attribute: source.flip(attribute, lab[attribute])} for lab in items.labels]
+    return {"rgb": items.images, "sources": items.labels, "targets": targets,
+            "phrases": [source.caption({attribute: t[attribute]}) for t in targets],
+            "masks": np.ones(items.images.shape[:3], bool), "target_rgb": None}
+
+
+def judge_edits(judge, images, sources: list[dict], targets: list[dict], attribute, alphas, sources_rgb, masks):
+    """One row per (edit, alpha): the judge's reading of every edited image against the source and target
+    labels (attribute -> value dicts). Works with any judge (toy or CLIP)."""
+    values = judge.attributes
+    n, a = images.shape[:2]
+    flat = images.reshape(n * a, *images.shape[2:])
+    reads, scores = judge.readings(flat)
+    others = [x for x in values if x != attribute]
+    rows = []
+    for i, (src, tgt) in enumerate(zip(sources, targets)):
+        value = tgt[attribute]
+        ref, mask = np.repeat(sources_rgb[i][None], a, 0), np.repeat(masks[i][None], a, 0)
+        p, q = psnr(ref, images[i], mask), ssim(ref, images[i], mask)
+        for k, alpha in enumerate(alphas):
+            r = reads[i * a + k]
+            rows.append({
+                "edit": i, "alpha": float(alpha), "source_value": src[attribute], "target_value": value,
+                "target_score": float(scores[attribute][i * a + k, list(values[attribute]).index(value)]),
+                "read": r[attribute], "success": r[attribute] == value,
+                "preserved": all(r[x] == src[x] for x in others),
+                **{f"kept_{x}": r[x] == src[x] for x in others},
+                **{f"read_{x}": r[x] for x in values},
+                "background_psnr": float(p[k]), "background_ssim": float(q[k]),
+            })
+    return rows
+
+
 @dataclass
-class EditSourceSettings:
-    """Settings shared by the studies that edit images: where the images come from and how they are
-    denoised (None keeps the model's default steps and guidance). Subclassed by their configs."""
+class EditBatch:
+    """One attribute's edits in one mode: the pairs, their renders and masks, Encode's and Identify's
+    outputs, and the edited images (edits, alphas, H, W, 3)."""
+
+    pairs: list
+    sources: np.ndarray
+    masks: np.ndarray
+    seeds: list[int]
+    enc: object
+    direction: object
+    images: np.ndarray
+
+
+def edit_batch(editor, attribute: str, mode: str, n: int, seed: int, alphas) -> EditBatch:
+    """Encode, Identify and Manipulate for ``n`` toy edits of ``attribute`` at every alpha (one batch)."""
+    pairs = toy_edit_pairs(attribute, n, seed)
+    sources = render_many([s for s, _ in pairs])
+    masks = np.stack([background_mask(s, t) for s, t in pairs])
+    seeds = [seed * 100_000 + i for i in range(len(pairs))]
+    enc = editor.encode(sources, [s.caption() for s, _ in pairs], seeds)
+    direction = editor.identify(enc, [t.caption() for _, t in pairs], mode, [phrase_for(t, attribute) for _, t in pairs])
+    return EditBatch(pairs, sources, masks, seeds, enc, direction, editor.manipulate(enc, direction, alphas))
+
+
+class EditorSettings(StudyConfig):
+    """How the editing studies denoise (None keeps the model's default steps and guidance)."""
+
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    strength: float = PAPER_STRENGTH
+
+    def editor(self, model: str, **kwargs) -> EIMEditor:
+        return EIMEditor(load_pipeline(model), strength=self.strength, num_inference_steps=self.num_inference_steps,
+                         guidance_scale=self.guidance_scale, **kwargs)
+
+
+class EditSourceSettings(EditorSettings):
+    """Editing settings plus where the images come from. Subclassed by the editing studies' configs."""
 
     source: str = "toy"  # toy | celeba (binary attributes flipped, read by the CLIP judge)
     celeba: str | None = None  # the CelebA folder
     clip: str | None = None  # the CLIP judge's model for real images (hub id or folder)
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
 
     def check_editable(self, attributes) -> None:
-        from .toy_editing import EDITABLE
-
         bad = [a for a in attributes if a not in EDITABLE]
         if self.source == "toy" and bad:
             raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
+
+
+def check_modes(modes) -> None:
+    bad = [m for m in modes if m not in EDIT_MODES]
+    if bad:
+        raise ValueError(f"modes {bad} are not available here; choose from {EDIT_MODES}")

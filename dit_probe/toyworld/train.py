@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import save_torch
 from . import models
 from .world import ATTRIBUTES, COLORS, SHAPES, SIZES, BACKGROUNDS, caption, render, scenes, training_caption
 
@@ -56,12 +57,6 @@ class TrainConfig:
     threads: int = 0  # 0: torch's default
     stop_after: int | None = None  # leave the denoiser stage after this step (resumable; for time-boxed runs)
     models: tuple = ("mmdit", "unet")
-
-
-def _atomic_save(obj, path: Path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _log(msg):
@@ -178,7 +173,7 @@ def stage_data(cfg: TrainConfig, out: Path, shared: dict):
             means.append(post.mean)
             stds.append(post.std)
     data = {"mean": torch.cat(means), "std": torch.cat(stds), "scenes": [s.to_dict() for s in items]}
-    _atomic_save(data, path)
+    save_torch(data, path)
     return data
 
 
@@ -335,11 +330,11 @@ def stage_denoiser(kind: str, cfg: TrainConfig, out: Path, shared: dict, data: d
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stopping:
             state = dict(model=model.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
                          sched=sched.state_dict(), gen=gen.get_state(), rng=rng.getstate(), step=step + 1)  # fmt: skip
-            _atomic_save(state, ckpt)
+            save_torch(state, ckpt)
         if cfg.stop_after is not None and step + 1 >= cfg.stop_after and step + 1 < cfg.steps:
             _log(f"{kind}: stopping after step {step + 1} as asked; run again to resume")
             return None
-    _atomic_save({"ema": ema.model.state_dict(), "model": model.state_dict(), "steps": cfg.steps}, final)
+    save_torch({"ema": ema.model.state_dict(), "model": model.state_dict(), "steps": cfg.steps}, final)
     return torch.load(final)
 
 

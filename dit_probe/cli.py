@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 import yaml
+from PIL import Image
 
+from .attention import record
+from .attention.plot import plot_layer_step_grid, plot_word_maps
+from .editing import EIMEditor
+from .figures import regenerate
+from .registry import MODELS, load_pipeline, sampling_settings
 from .studies import STUDIES
+from .tiny import TINY
+from .toyworld import SHIPPED, TOY_MODELS, Judge
+from .toyworld.evaluate import evaluate, sample_figure, write_model_card
+from .toyworld.train import TrainConfig
+from .toyworld.train import run as train
 
 
 def _cmd_models(args):
-    from .registry import MODELS
-    from .tiny import TINY
-    from .toyworld import TOY_MODELS
-
     print(f"{'name':<14} {'family':<6} {'hub id':<52} settings")
     for name in TOY_MODELS:
         family = "sd3" if name == "toy-mmdit" else "unet"
@@ -29,11 +40,6 @@ def _cmd_models(args):
 
 
 def _generate_and_record(model, prompts, words, steps, guidance, seed, size, layers=None, pipe=None):
-    import torch
-
-    from .attention import record
-    from .registry import load_pipeline, sampling_settings
-
     pipe = pipe or load_pipeline(model)
     kwargs = sampling_settings(pipe)  # the model's defaults; command-line values override them
     for key, value in (("num_inference_steps", steps), ("guidance_scale", guidance), ("height", size), ("width", size)):
@@ -46,8 +52,6 @@ def _generate_and_record(model, prompts, words, steps, guidance, seed, size, lay
 
 
 def _cmd_record(args):
-    from .attention.plot import plot_layer_step_grid, plot_word_maps
-
     out = Path(args.out)
     maps, images = _generate_and_record(args.model, args.prompt, args.word, args.steps, args.guidance,
                                         args.seed, args.size, args.layer)
@@ -64,12 +68,6 @@ def _cmd_record(args):
 def _cmd_demo(args):
     """The main job on the embedded default: generate with the toy pair, read the images back with the
     judge, record and plot where the colour, shape and background words attend."""
-    import matplotlib.pyplot as plt
-
-    from .attention.plot import plot_word_maps
-    from .registry import load_pipeline
-    from .toyworld import Judge
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scenes = [("large", "red", "star", "white"), ("small", "blue", "circle", "black")]
@@ -141,12 +139,6 @@ def _add_study_parsers(sub) -> None:
 
 def _cmd_edit(args):
     """Edit one image along a text / HSDS direction at several alphas; write a strip of the results."""
-    import numpy as np
-    from PIL import Image
-
-    from .editing import EIMEditor
-    from .registry import load_pipeline
-
     try:
         alphas = [float(a) for a in args.alphas.split(",")]
     except ValueError:
@@ -170,36 +162,25 @@ def _cmd_edit(args):
 
 
 def _cmd_train_toy(args):
-    from .toyworld.train import TrainConfig, run
-
     cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, threads=args.threads)
     stages = tuple(args.stage or ("shared", "data", "mmdit", "unet", "ship"))
-    run(cfg, stages=stages, ship_to=Path(args.ship_to) if args.ship_to else None)
+    train(cfg, stages=stages, ship_to=Path(args.ship_to) if args.ship_to else None)
     if "ship" in stages:
         print("shipped pipelines written; measure them with `dit-probe evaluate-toy`")
     return 0
 
 
 def _cmd_evaluate_toy(args):
-    import json
-
-    from .registry import load_pipeline
-    from .toyworld.evaluate import evaluate, write_model_card
-
     for model in args.model or ["toy-mmdit", "toy-unet"]:
         pipe = load_pipeline(model)
         results = evaluate(pipe, n=args.n, n_omit=args.n_omit, log=lambda m, model=model: print(f"{model}: {m}"))
         if args.card:
-            from .toyworld import SHIPPED
-
             kind = model.removeprefix("toy-")
             loss = Path(args.runs) / f"{kind}-loss.csv"
             write_model_card(SHIPPED / model, results, loss if loss.exists() else None)
         else:
             print(json.dumps(results, indent=2))
     if args.figure:
-        from .toyworld.evaluate import sample_figure
-
         fig = sample_figure({m: load_pipeline(m) for m in args.model or ["toy-mmdit", "toy-unet"]})
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.figure, dpi=130)
@@ -208,8 +189,6 @@ def _cmd_evaluate_toy(args):
 
 
 def _cmd_figures(args):
-    from .figures import regenerate
-
     regenerate(figures=args.figures, runs=args.runs, only=args.only)
     return 0
 

@@ -12,9 +12,15 @@ import json
 import os
 import platform
 import tempfile
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distribution_version
 from pathlib import Path
 
+import diffusers
 import numpy as np
+import sklearn
+import torch
+import transformers
 
 
 def _umask() -> int:
@@ -66,8 +72,6 @@ def read_arrays(path) -> dict:
 
 
 def save_torch(obj, path) -> Path:
-    import torch
-
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -85,17 +89,18 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _own_version() -> str | None:
+    # from the installed distribution, not ``dit_probe.__version__``: io sits below the package's __init__
+    try:
+        return distribution_version("dit_probe")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return None
+
+
 def versions() -> dict:
     """Package versions and machine, recorded next to every result."""
-    import diffusers
-    import sklearn
-    import torch
-    import transformers
-
-    from . import __version__
-
     return {
-        "dit_probe": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "dit_probe": _own_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "machine": platform.machine(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

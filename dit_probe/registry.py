@@ -4,9 +4,17 @@ or a pipeline object passed through."""
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+import diffusers
+
+from . import toyworld
+from .io import sha256
+from .settings import SETTINGS_FILE, sampling_settings  # noqa: F401  (sampling_settings: re-exported)
+from .tiny import T5_MAX_LENGTH, TINY, tiny_pipeline
 
 
 @dataclass(frozen=True)
@@ -47,35 +55,19 @@ class WeightsUnavailableError(RuntimeError):
 
 
 def _tiny_names():
-    from .tiny import TINY
-
     return list(TINY)
 
 
 def _toy_folder(name: str) -> Path | None:
-    from .toyworld import SHIPPED, TOY_MODELS
-
-    return SHIPPED / name if name in TOY_MODELS else None
+    # read from the package at call time, so a patched toyworld.SHIPPED is honoured
+    return toyworld.SHIPPED / name if name in toyworld.TOY_MODELS else None
 
 
 def known_names() -> list[str]:
-    from .toyworld import TOY_MODELS
-
-    return list(TOY_MODELS) + list(MODELS) + _tiny_names()
-
-
-SETTINGS_FILE = "dit_probe.json"  # a pipeline folder's default sampling settings (the toy models ship one)
-
-
-def sampling_settings(pipe) -> dict:
-    """The default call arguments of a pipeline loaded by ``load_pipeline`` (steps, guidance, size, and
-    for SD3 without T5 the text length); {} for a pipeline built elsewhere. Pass them on to ``pipe(...)``."""
-    return dict(getattr(pipe, "dit_probe_settings", {}))
+    return list(toyworld.TOY_MODELS) + list(MODELS) + _tiny_names()
 
 
 def _settings_for(name: str, pipe, folder: Path | None) -> dict:
-    import json
-
     if folder is not None and (folder / SETTINGS_FILE).exists():
         meta = json.loads((folder / SETTINGS_FILE).read_text())
         return {**meta.get("sampling", {}), "height": meta.get("height"), "width": meta.get("width")}
@@ -84,8 +76,6 @@ def _settings_for(name: str, pipe, folder: Path | None) -> dict:
         return dict(num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
                     height=spec.resolution, width=spec.resolution)  # fmt: skip
     if name in _tiny_names():
-        from .tiny import T5_MAX_LENGTH
-
         out = dict(num_inference_steps=10, guidance_scale=4.0, height=32, width=32)
         if hasattr(pipe, "transformer"):
             out["max_sequence_length"] = T5_MAX_LENGTH
@@ -101,7 +91,6 @@ def model_identity(name: str) -> str:
     folder = _toy_folder(name) or (Path(name) if Path(name).is_dir() else None)
     if folder is None:
         return MODELS[name].hub_id if name in MODELS else name
-    from .io import sha256
 
     def digest(p: Path) -> str:  # real checkpoints are GBs: their size and time stand in for a checksum
         st = p.stat()
@@ -126,8 +115,6 @@ def load_pipeline(name_or_path, torch_dtype=None, device=None, **kwargs):
     name = str(name_or_path)
     folder = _toy_folder(name) or (Path(name) if Path(name).is_dir() else None)
     if name in _tiny_names():
-        from .tiny import tiny_pipeline
-
         pipe = tiny_pipeline(name)
     elif folder is not None:
         if not (folder / "model_index.json").exists() and _toy_folder(name):
@@ -140,8 +127,6 @@ def load_pipeline(name_or_path, torch_dtype=None, device=None, **kwargs):
         pipe = _from_pretrained(cls, str(folder), torch_dtype, **{**{k: None for k in absent}, **kwargs})
     elif name in MODELS:
         spec = MODELS[name]
-        import diffusers
-
         pipe = _from_pretrained(getattr(diffusers, spec.pipeline), spec.hub_id, torch_dtype, spec=spec, **kwargs)
     else:
         raise KeyError(
@@ -156,10 +141,6 @@ def load_pipeline(name_or_path, torch_dtype=None, device=None, **kwargs):
 
 
 def _pipeline_class_of(folder: Path):
-    import json
-
-    import diffusers
-
     index = folder / "model_index.json"
     if not index.exists():
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")

@@ -12,7 +12,35 @@ learned merges give), so sub-word merging is exercised. Other words fall back to
 
 from __future__ import annotations
 
+import json
+
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import Tokenizer, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 WORDS = (
     "a an the of on in with and photo picture small large big tiny red green blue yellow orange "
@@ -41,11 +69,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _learned_merges(words) -> list[tuple[str, str]]:
     """BPE merges learned on ``words`` (each listed word then encodes as a single token)."""
-    import json
-
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok = Tokenizer(BPE(end_of_word_suffix="</w>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=100_000, end_of_word_suffix="</w>", show_progress=False)
     tok.train_from_iterator(list(words) * 2, trainer=trainer)
@@ -57,8 +81,6 @@ def clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH, words=WORDS):
     """A CLIP BPE tokenizer with the real vocabulary layout: byte chars, byte chars + </w>,
     merge results, then <|startoftext|>, <|endoftext|>. Merges are learned on ``words`` only, so each
     of them is one token and any other word (``SPLIT_WORDS``) comes out in several pieces."""
-    from transformers import CLIPTokenizer
-
     chars = list(_bytes_to_unicode().values())
     merges = _learned_merges(words)
     vocab_list = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
@@ -69,8 +91,6 @@ def clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH, words=WORDS):
 
 def t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
     """A T5 (SentencePiece Unigram) tokenizer: whole words as '▁word', split words as pieces."""
-    from transformers import T5TokenizerFast
-
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [("▁" + w, -1.0) for w in WORDS]
     for split in SPLIT_WORDS.values():
@@ -82,8 +102,6 @@ def t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
 
 
 def _clip_config(tokenizer, hidden: int, projection: int):
-    from transformers import CLIPTextConfig
-
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -100,8 +118,6 @@ def _clip_config(tokenizer, hidden: int, projection: int):
 
 
 def _t5_encoder(tokenizer, d_model: int):
-    from transformers import T5Config, T5EncoderModel
-
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=d_model,
@@ -119,8 +135,6 @@ def _t5_encoder(tokenizer, d_model: int):
 
 
 def _vae(latent_channels: int, flow: bool):
-    from diffusers import AutoencoderKL
-
     kwargs = dict(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305) if flow else {}
     return AutoencoderKL(
         in_channels=3,
@@ -143,9 +157,6 @@ def tiny_sd3(seed: int = 0, sd35: bool = False, num_layers: int = 3, heads: int 
     Default: image 32x32 -> VAE latent 16x16 -> patch 2 -> 64 image tokens; text = 16 CLIP + 16 T5
     tokens. ``benchmarks/`` builds a narrow one with real token counts (77 CLIP + 256 T5, 1024 image).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
-
     torch.manual_seed(seed)
     tok, tok_t5 = clip_tokenizer(clip_length), t5_tokenizer(t5_length)
     transformer = SD3Transformer2DModel(
@@ -181,9 +192,6 @@ def tiny_flux(seed: int = 0):
 
     Image 32x32 -> latent 16x16 (4 ch) -> packed 2x2 -> 64 image tokens; text = 16 T5 tokens.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel
-
     torch.manual_seed(seed)
     tok, tok_t5 = clip_tokenizer(), t5_tokenizer()
     transformer = FluxTransformer2DModel(
@@ -214,9 +222,6 @@ def tiny_unet(seed: int = 0, prediction_type: str = "v_prediction"):
 
     Image 32x32 -> latent 16x16; cross-attention at 16x16 and 8x8; text = 16 CLIP tokens.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     torch.manual_seed(seed)
     tok = clip_tokenizer()
     unet = UNet2DConditionModel(
@@ -271,8 +276,6 @@ def tiny_pipeline(name: str):
 def tiny_clip(seed: int = 0, image_size: int = 32):
     """A randomly initialised CLIPModel with its tokenizer and image processor, built offline: the
     CLIP judge's and CLIPScore's code paths run on it in tests (its scores mean nothing)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
-
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(model_max_length=77)  # judge prompts are longer than the toy captions
     text = _clip_config(tokenizer, hidden=32, projection=16)

@@ -151,6 +151,15 @@ def test_interrupted_build_resumes_without_recomputing(pipes, tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in first.items())
     order = np.lexsort((whole.colors, whole.seeds, whole.objects)), np.lexsort((resumed.colors, resumed.seeds, resumed.objects))
     assert np.array_equal(whole.maps[order[0]], resumed.maps[order[1]])
+    # a truncated shard (a copy cut short) is named, generated again, and loading never sees half a file
+    victim = made[0]
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) - 100])
+    with pytest.raises(RuntimeError, match=f"{victim.name} is damaged"):
+        ProbeDataset.load(tmp_path / "part")
+    with pytest.warns(UserWarning, match=f"{victim.name} is damaged"):
+        repaired = build(pipe, "tiny-unet", grid, tmp_path / "part", log=lambda m: None, on_shard=again.append)
+    assert again[-1] == victim and victim.read_bytes() == good and len(repaired) == len(resumed)
     # a folder built with other settings is refused, not mixed
     with pytest.raises(ProbingInputError, match="other settings"):
         build(pipe, "tiny-unet", ProbeGrid(**{**grid.__dict__, "template": "a photo of a {color} {object}"}),

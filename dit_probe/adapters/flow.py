@@ -29,6 +29,15 @@ class FlowMatchingMaths:
         s = self.sigma(t)
         return 2 * torch.log((1 - s) / s)
 
+    def resolution_shift(self, image_seq_len: int) -> float:
+        """Flux's mu: the timestep shift grows linearly with the image token count, from base_shift at
+        base_image_seq_len to max_shift at max_image_seq_len (as FluxPipeline computes it; importing its
+        helper would load every diffusers pipeline module at ``import dit_probe``)."""
+        c = self.pipe.scheduler.config
+        lo, hi = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+        b0, b1 = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+        return b0 + (b1 - b0) * (image_seq_len - lo) / (hi - lo)
+
     @staticmethod
     def first_step(num_steps: int, strength: float) -> int:
         """As the SD3 and Flux Img2Img pipelines: int(n - n s), so 25 steps at 0.75 denoise 19 steps."""

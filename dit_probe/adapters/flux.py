@@ -73,21 +73,13 @@ class FluxAdapter(FlowMatchingMaths, Adapter):
 
     def set_timesteps(self, num_steps, strength=1.0, latents=None, image_seq_len=None):
         """As FluxPipeline: sigmas 1 -> 1/n, shifted by mu when the scheduler uses dynamic shifting."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
         check_strength(strength)
         sched = self.pipe.scheduler
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         if latents is not None and image_seq_len is None:
             image_seq_len = (latents.shape[-2] // 2) * (latents.shape[-1] // 2) if latents.ndim == 4 else latents.shape[1]
         seq = image_seq_len or self.denoiser.config.get("sample_size", 64) ** 2
-        mu = calculate_shift(
-            seq,
-            sched.config.get("base_image_seq_len", 256),
-            sched.config.get("max_image_seq_len", 4096),
-            sched.config.get("base_shift", 0.5),
-            sched.config.get("max_shift", 1.15),
-        )
+        mu = self.resolution_shift(seq)
         sched.set_timesteps(sigmas=sigmas, mu=mu)
         return sched.timesteps[self.first_step(num_steps, strength):]
 

@@ -17,6 +17,7 @@ of the query's text attention that goes to the token.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 AXES = ("step", "layer", "branch", "batch", "head", "token", "y", "x")
 FORMAT_VERSION = 1
@@ -142,8 +144,6 @@ class AttentionMaps:
     def _layer_list(self, layer):
         if layer is None:
             return list(self.layers)
-        import fnmatch
-
         sel = [layer] if isinstance(layer, (str, int)) else list(layer)
         out = []
         for s in sel:
@@ -221,8 +221,6 @@ class AttentionMaps:
     # ----- save / load -----
     def save(self, path) -> Path:
         """Write ``path/maps.safetensors`` (tensors) and ``path/maps.json`` (metadata), atomically."""
-        from safetensors.torch import save_file
-
         self._build()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -252,8 +250,6 @@ class AttentionMaps:
 
     @classmethod
     def load(cls, path) -> "AttentionMaps":
-        from safetensors.torch import load_file
-
         path = Path(path)
         files = [path / "maps.json", path / "maps.safetensors"]
         missing = [str(f) for f in files if not f.exists()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,6 @@ def _upsample(m: torch.Tensor, size) -> np.ndarray:
 
 def plot_word_maps(maps, words=None, images=None, batch=0, layer=None, step=None, normalise=None, ax_size=2.2):
     """One row: the image, then each word's map (mean over layers, steps, heads) over it."""
-    import matplotlib.pyplot as plt
-
     words = words or maps.words
     n = len(words) + (images is not None)
     fig, axes = plt.subplots(1, n, figsize=(ax_size * n, ax_size * 1.15), squeeze=False)
@@ -50,8 +49,6 @@ def plot_word_maps(maps, words=None, images=None, batch=0, layer=None, step=None
 
 def plot_layer_step_grid(maps, word, batch=0, normalise=None, ax_size=1.1):
     """A grid of one word's maps: rows are layers, columns are recorded steps."""
-    import matplotlib.pyplot as plt
-
     t = maps.tensor(word, normalise=normalise)[:, :, 0, batch, :, 0].nanmean(2)  # (step, layer, y, x)
     steps, layers = maps.steps, maps.layers
     fig, axes = plt.subplots(len(layers), len(steps), figsize=(ax_size * len(steps) + 1.2, ax_size * len(layers)), squeeze=False)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..adapters import Conditioning, get_adapter
 from ..adapters.base import check_strength, ensure_prompts
+from ..settings import sampling_settings
 from .directions import EditDirection, text_direction
 from .distillation import DistillSettings, dds, hsds, sds
 
@@ -95,8 +96,6 @@ class EIMEditor:
         """pipe: any supported pipeline (``load_pipeline``); its default steps and guidance apply unless given
         (the paper: 50 steps, CFG 7.5, strength 0.75). resize: 'warn' (resize a wrong-size image and warn)
         or 'error'. batch_size: most rows per denoiser call in Manipulate (None: all)."""
-        from ..registry import sampling_settings
-
         check_strength(strength)
         if resize not in ("warn", "error"):
             raise ValueError(f"resize must be 'warn' or 'error', got {resize!r}")

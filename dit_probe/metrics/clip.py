@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
 
 class Clip:
@@ -25,8 +26,6 @@ class Clip:
                  dtype=None):
         """model: a hub id, a local folder (``save_pretrained`` layout), or a CLIPModel (then give its
         tokenizer and image processor too)."""
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-
         if isinstance(model, (str, Path)):
             source = str(model)
             try:

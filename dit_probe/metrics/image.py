@@ -7,6 +7,8 @@ Both take (N, H, W, C) or (H, W, C) arrays on one scale (uint8 0..255 by default
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 
 def _pairs(a, b, mask):
@@ -42,9 +44,6 @@ def ssim(a, b, mask=None, data_range: float = 255.0) -> np.ndarray:
     k1 0.01, k2 0.03, via torchmetrics), averaged over channels and over the masked pixels of the
     SSIM map. Windows near the mask's edge see some unmasked pixels: the mask selects where the map is
     read, as in masked background-preservation scores. Identical images give 1; an empty mask NaN."""
-    import torch
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
     a, b, m, single = _pairs(a, b, mask)
     ta = torch.from_numpy(a).permute(0, 3, 1, 2)
     tb = torch.from_numpy(b).permute(0, 3, 1, 2)

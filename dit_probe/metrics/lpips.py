@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchmetrics.functional.image.lpips as tm_lpips
+from safetensors.torch import load_file
 from torch import nn
 
 CHANNELS = (64, 192, 384, 256, 256)
@@ -43,9 +45,7 @@ STAGES = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))  # the five ReLU outputs LP
 
 
 def _linear_weights() -> dict[str, torch.Tensor]:
-    import torchmetrics.functional.image.lpips as tm
-
-    path = Path(tm.__file__).with_name("lpips_models") / "alex.pth"
+    path = Path(tm_lpips.__file__).with_name("lpips_models") / "alex.pth"
     if not path.exists():
         raise FileNotFoundError(f"LPIPS linear-layer weights not found at {path}: reinstall torchmetrics (>= 1.4)")
     state = torch.load(path, map_location="cpu", weights_only=True)  # a plain tensor dict
@@ -54,7 +54,7 @@ def _linear_weights() -> dict[str, torch.Tensor]:
 
 def _backbone_state(backbone) -> dict[str, torch.Tensor]:
     if backbone == "torchvision":
-        try:
+        try:  # optional: the core install has no torchvision
             import torchvision
         except Exception as e:  # not installed, or built for another torch
             raise RuntimeError(
@@ -68,8 +68,6 @@ def _backbone_state(backbone) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"AlexNet weights {path} do not exist: give a torchvision alexnet state dict file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True)
 

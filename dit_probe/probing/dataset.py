@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from ..adapters import get_adapter
 from ..attention import record
 from ..io import atomic_write, versions, write_json
-from ..registry import sampling_settings
+from ..settings import sampling_settings
 
 TOKENS = ("color", "object")  # token axis of the stored maps
 IMAGE_SIDE = 64  # stored thumbnails are at most this many pixels a side
@@ -215,7 +216,7 @@ def build(pipe, model: str, grid: ProbeGrid, folder, annotate=None, log=print, o
                                f"dataset's {meta['steps']} / {meta['layers']}")
         # (step, layer, branch, batch, head, token, y, x) -> (batch=colour, token, step, layer, y, x)
         t = torch.cat([maps.tensor(role, branch="cond", grid=tuple(meta["grid"])) for role in TOKENS], dim=5)
-        t = t[:, :, 0, :, 0].permute(2, 3, 0, 1, 4, 5).contiguous().to(dtype)
+        t = rearrange(t[:, :, 0, :, 0], "step layer colour token y x -> colour token step layer y x").contiguous().to(dtype)
         thumbs = _thumbnails(images)
         # the annotator reads full-resolution images (toy images are stored whole anyway)
         notes = annotate((np.asarray(images) * 255).round().astype(np.uint8)) if annotate else None

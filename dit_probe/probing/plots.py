@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -32,8 +33,6 @@ def plot_fig7(table: pd.DataFrame):
     """Fig. 7 of the paper: per colour c, the share of maps that the one-vs-rest probe for c classifies as c,
     on held-out colour-token maps and on object-token maps of the same images (maps pooled over layers
     and steps; bars: 95% bootstrap CI over seeds; grey ticks: the shuffled-label control)."""
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(table.model))
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.4), squeeze=False, sharey=True)
     for ax, model in zip(axes[0], models):
@@ -61,8 +60,6 @@ def plot_fig7(table: pd.DataFrame):
 def plot_layers_steps(table: pd.DataFrame, direction: str = "color"):
     """Probe accuracy (own maps) and leakage (other token's maps) per step for every layer, and per layer
     pooled over steps. Multiclass probes; dotted: chance; grey: the shuffled-label control."""
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(table.model))
     fig, axes = plt.subplots(3, len(models), figsize=(5.2 * len(models), 9), squeeze=False)
     for j, model in enumerate(models):
@@ -115,8 +112,6 @@ def plot_layers_steps(table: pd.DataFrame, direction: str = "color"):
 def plot_example_maps(datasets: dict, obj: str, seed: int, normalise: str = "sum"):
     """Rows: colours; per model three columns: the image, the colour word's map, the object word's map
     (pooled over layers and steps, one colour scale per map)."""
-    import matplotlib.pyplot as plt
-
     models = list(datasets)
     first = datasets[models[0]]
     colors = list(dict.fromkeys(first.colors))

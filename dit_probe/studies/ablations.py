@@ -20,6 +20,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 
 from ..editing import DistillSettings
 from ..stats import mean_ci
@@ -111,14 +112,12 @@ def _plot_hsds(summary, alpha):
             for k, (m, title) in enumerate((("target_score", "P(target)"), ("preserved", "others kept"))):
                 grid = g.pivot(index="lam", columns="eta_start", values=m)
                 ax = axes[i, 2 * j + k]
-                im = ax.imshow(grid.values, vmin=0, vmax=1, cmap="viridis", origin="lower")
-                ax.set_xticks(range(grid.shape[1]), [f"{v:g}" for v in grid.columns])
-                ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
-                for (r, c), v in np.ndenumerate(grid.values):
-                    ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+                sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f", cbar=False, ax=ax,
+                            annot_kws={"fontsize": 8})
+                ax.invert_yaxis()  # lambda grows upwards
                 ax.set(xlabel="step size η (start)", ylabel="λ", title=f"{model}: {attr} edits, {title} at α={alpha:g}")
                 ax.title.set_fontsize(8)
-    fig.colorbar(im, ax=axes, shrink=0.6)
+    fig.colorbar(axes[0, 0].collections[0], ax=axes, shrink=0.6)
     return fig
 
 

@@ -69,8 +69,6 @@ class BenchmarkItem:
 
 def read_benchmark(folder) -> list[BenchmarkItem]:
     """Every edit of a benchmark folder, with images and masks loaded and checked."""
-    from PIL import Image
-
     folder = Path(folder)
     index = folder / "index.jsonl"
     if not index.exists():

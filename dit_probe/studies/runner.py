@@ -14,8 +14,9 @@ unit is computed, and how the units become tables and figures. The runner owns e
   SHA-256 of each of its files and they match; a truncated or edited file is named in a warning and
   the unit is recomputed.
 - **Atomic writes** for every file (``dit_probe.io``), ``config.json`` and ``run.json`` provenance.
-- **Sharding on accelerate**: under ``accelerate launch --num_processes N`` the units still to compute
-  are split with ``PartialState.split_between_processes``; each process writes its own units and the
+- **Sharding on accelerate**: under ``accelerate launch --num_processes N`` (GPUs) or ``torchrun
+  --nproc_per_node N`` (CPUs) the units still to compute are split with
+  ``PartialState.split_between_processes``; each process writes its own units and the
   main process writes the tables once all exist. One process or N give identical tables, because the
   report always reads the units back from disk.
 """
@@ -23,6 +24,8 @@ unit is computed, and how the units become tables and figures. The runner owns e
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ from typing import Any, Callable, ClassVar
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import torch
 import yaml
 from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -210,7 +214,8 @@ def save_unit(paths: dict[str, Path], settings: dict, frame: pd.DataFrame, array
     if arrays is not None:
         write_arrays(paths["npz"], **arrays)
         files["npz"] = sha256(paths["npz"])
-    write_json(paths["manifest"], {**settings, "files": files, "seconds": round(seconds, 2)})  # last: marks completion
+    write_json(paths["manifest"], {**settings, "files": files, "seconds": round(seconds, 2), "pid": os.getpid(),
+                                   "host": platform.node()})  # written last: marks the unit complete
 
 
 # ----- the run -----
@@ -233,14 +238,13 @@ def run(study: Study, cfg: StudyConfig, out=None, figures=None, log=None, quiet:
     cfg = study.config.model_validate(cfg.model_dump())  # re-validated: a config edited in place is checked too
     cfg.check()
     out = Path(out or f"runs/{study.name}")
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu: several CPU processes share the units too
     shared = study.prepare(cfg, out) if study.prepare else None
     started = time.time()
     if state.is_main_process:
         write_json(out / "config.json", {"study": study.name, **cfg.model_dump(mode="json")})
     units = study.units(cfg)
-    todo = [u for u in units if not unit_paths(out, study, cfg, u)["manifest"].exists()
-            or load_unit(study, unit_paths(out, study, cfg, u), log) is None]
+    todo = [u for u in units if load_unit(study, unit_paths(out, study, cfg, u), log) is None]
     with state.split_between_processes(todo) as mine:
         context, current = None, None
         for unit in tqdm(mine, desc=study.name, unit="unit", disable=True if quiet else None, leave=False):

@@ -5,13 +5,19 @@ at 10_000_000 and up)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
+from pathlib import Path
 
+import diffusers
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
+from PIL import Image
 
-from ..registry import sampling_settings
+from ..settings import SETTINGS_FILE, sampling_settings
 from .judge import Judge
 from .world import ATTRIBUTES, Scene, render, scenes
 
@@ -37,8 +43,6 @@ def generate(pipe, prompts: list[str], seeds: list[int], batch: int = 64, **over
 
 def img2img_pipeline(pipe):
     """The img2img pipeline over the same components (shares the modules, no copy)."""
-    import diffusers
-
     name = type(pipe).__name__
     cls = getattr(diffusers, name.replace("Pipeline", "Img2ImgPipeline"), None)
     if cls is None:
@@ -51,8 +55,6 @@ def img2img_pipeline(pipe):
 
 
 def reconstruct(pipe, items: list[Scene], prompts: list[str], seeds: list[int], strength: float, batch: int = 64) -> np.ndarray:
-    from PIL import Image
-
     i2i = img2img_pipeline(pipe)
     kw = {k: v for k, v in sampling_settings(pipe).items() if k not in ("height", "width")}
     out = []
@@ -109,8 +111,6 @@ def evaluate(pipe, n: int = 240, n_omit: int = 120, strength: float = 0.5, judge
 
 
 def _loss_summary(loss_csv, warmup: int) -> str:
-    import pandas as pd
-
     df = pd.read_csv(loss_csv)
     first, last = df.iloc[0], df.iloc[-1]
     # after the warm-up the learning rate only rises where training was extended
@@ -125,11 +125,8 @@ def _loss_summary(loss_csv, warmup: int) -> str:
 
 def write_model_card(folder, results: dict, loss_csv=None):
     """MODEL_CARD.md for a shipped toy pipeline, from its dit_probe.json and measured ``results``."""
-    import json
-    from pathlib import Path
-
     folder = Path(folder)
-    meta = json.loads((folder / "dit_probe.json").read_text())
+    meta = json.loads((folder / SETTINGS_FILE).read_text())
     name, tr = meta["name"], meta["training"]
     arch = {
         "toy-mmdit": "StableDiffusion3Pipeline: SD3Transformer2DModel (4 joint-attention blocks, 4 heads x 32, patch 2: "
@@ -148,8 +145,6 @@ def write_model_card(folder, results: dict, loss_csv=None):
     s = meta["sampling"]
     rebuild = ""
     if loss_csv:
-        import pandas as pd
-
         df = pd.read_csv(loss_csv)
         ends = [int(x) - 50 for x in df["step"][(df["lr"].diff() > 0) & (df["step"] > tr["warmup"] + 50)]][1:] + [tr["steps"]]
         kind = name.removeprefix("toy-")
@@ -204,8 +199,6 @@ A prompt that leaves one attribute out gives a spread of values for it (entropy 
 def sample_figure(pipes: dict, n: int = 16, seed: int = EVAL_SEED + 500_000):
     """A figure: the same held-out prompts through each model (rows: the render of the prompt's scene,
     then one row per model), each image titled with what the judge reads (mismatches in red)."""
-    import matplotlib.pyplot as plt
-
     judge = Judge()
     items = scenes(n, seed=seed)
     prompts = [s.caption() for s in items]

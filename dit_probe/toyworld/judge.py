@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .world import ATTRIBUTES, BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, render, scenes
@@ -88,8 +89,6 @@ class Judge:
                     f"shape classifier weights not found at {weights}: run "
                     "`python -m dit_probe.toyworld.judge` to train them (about a minute)"
                 )
-            from safetensors.torch import load_file
-
             self.shape_net.load_state_dict(load_file(str(weights)))
 
     @property
@@ -204,8 +203,6 @@ def train_shape_classifier(steps: int = 1500, batch: int = 128, seed: int = 0, o
             log(f"shape classifier step {step}/{steps} loss {loss.item():.4f}")
     net.eval()
     if out is not None:
-        from safetensors.torch import save_file
-
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
     return net
 

@@ -10,6 +10,8 @@ by side) and has no T5 stream, so its joint attention sees 64 image + 16 text to
 from __future__ import annotations
 
 import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..tiny import clip_tokenizer
 from .world import IMAGE_SIZE, VOCABULARY
@@ -26,8 +28,6 @@ def tokenizer():
 
 def text_encoder(tok, seed: int, with_projection: bool = True):
     """A frozen, randomly initialised CLIP text encoder (2 layers, width 64)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     config = CLIPTextConfig(
         vocab_size=len(tok),
         hidden_size=CLIP_HIDDEN,
@@ -51,8 +51,6 @@ def text_encoder(tok, seed: int, with_projection: bool = True):
 
 
 def vae(scaling_factor: float = 1.0, shift_factor: float = 0.0):
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -72,8 +70,6 @@ def vae(scaling_factor: float = 1.0, shift_factor: float = 0.0):
 
 def mmdit(seed: int = 0):
     """SD3Transformer2DModel: 4 joint blocks, 4 heads x 32, patch 2 over the 16x16 latent (64 tokens)."""
-    from diffusers import SD3Transformer2DModel
-
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
         sample_size=LATENT_SIZE,
@@ -92,8 +88,6 @@ def mmdit(seed: int = 0):
 
 def unet(seed: int = 0):
     """UNet2DConditionModel, SD2-style (linear projections, v-prediction): cross-attention at 16x16 and 8x8."""
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,

@@ -17,9 +17,9 @@ finished denoiser from its last checkpoint (the cosine schedule is then that of 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -28,10 +28,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+)
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..io import save_torch
-from . import models
-from .world import ATTRIBUTES, COLORS, SHAPES, SIZES, BACKGROUNDS, caption, render, scenes, training_caption
+from ..settings import SETTINGS_FILE
+from . import SHIPPED, models
+from .world import ATTRIBUTES, COLORS, SHAPES, SIZES, BACKGROUNDS, Scene, caption, render, scenes, training_caption
 
 FLOW_SHIFT = 3.0  # as SD3
 UNET_SCHEDULE = dict(
@@ -111,9 +122,6 @@ def stage_shared(cfg: TrainConfig, shared: Path):
 
 
 def load_shared(shared: Path) -> dict:
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(shared / "tokenizer"),
         "text_encoder": CLIPTextModelWithProjection.from_pretrained(shared / "text_encoder").eval(),
@@ -126,8 +134,6 @@ def load_shared(shared: Path) -> dict:
 def assemble(kind: str, shared: dict, denoiser):
     """A toy pipeline from the shared components and a denoiser."""
     if kind == "mmdit":
-        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
         return StableDiffusion3Pipeline(
             transformer=denoiser.eval(),
             scheduler=FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT),
@@ -140,8 +146,6 @@ def assemble(kind: str, shared: dict, denoiser):
             tokenizer_3=None,
         )
     if kind == "unet":
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-
         return StableDiffusionPipeline(
             unet=denoiser.eval(),
             scheduler=DDIMScheduler(**UNET_SCHEDULE, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing"),
@@ -179,8 +183,6 @@ def stage_data(cfg: TrainConfig, out: Path, shared: dict):
 
 def all_captions() -> list[str]:
     """Every caption the dropout can produce, and the empty one."""
-    import itertools
-
     out = {""}
     for values in itertools.product(SHAPES, COLORS, SIZES, BACKGROUNDS):
         attrs = dict(zip(ATTRIBUTES, values))
@@ -270,8 +272,6 @@ def stage_denoiser(kind: str, cfg: TrainConfig, out: Path, shared: dict, data: d
         return torch.load(final)
     # (a final file with fewer steps: training is being extended; it goes on from the last checkpoint
     # under the schedule of the new ``steps``)
-    from diffusers import DDPMScheduler
-
     model = models.mmdit(cfg.seed) if kind == "mmdit" else models.unet(cfg.seed)
     model.train()
     ema = EMA(model, cfg.ema_decay)
@@ -294,8 +294,6 @@ def stage_denoiser(kind: str, cfg: TrainConfig, out: Path, shared: dict, data: d
     pipe = assemble(kind, shared, model)
     emb = caption_embeddings(kind, pipe, all_captions())
     scheduler = DDPMScheduler(**UNET_SCHEDULE)
-    from .world import Scene
-
     items = [Scene(**s) for s in data["scenes"]]
     log_path = out / f"{kind}-loss.csv"
     if start == 0:
@@ -304,7 +302,8 @@ def stage_denoiser(kind: str, cfg: TrainConfig, out: Path, shared: dict, data: d
         lines = log_path.read_text().splitlines()
         log_path.write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= start]) + "\n")
     t0, running = time.time(), []
-    for step in range(start, cfg.steps):
+    bar = tqdm(range(start, cfg.steps), desc=kind, unit="step", initial=start, total=cfg.steps, disable=None)
+    for step in bar:
         idx = torch.randint(0, len(items), (cfg.batch,), generator=gen)
         caps = [training_caption(items[i], rng, cfg.p_attribute, cfg.p_caption) for i in idx.tolist()]
         e = torch.stack([emb[c][0] for c in caps])
@@ -320,6 +319,7 @@ def stage_denoiser(kind: str, cfg: TrainConfig, out: Path, shared: dict, data: d
         sched.step()
         ema.update(model, step)
         running.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % 50 == 0:
             with log_path.open("a") as f:
                 f.write(f"{step + 1},{np.mean(running):.5f},{sched.get_last_lr()[0]:.6f},{time.time() - t0:.1f}\n")
@@ -360,7 +360,7 @@ def ship(kind: str, cfg: TrainConfig, out: Path, shared: dict, where: Path):
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("out", "models", "stop_after", "threads")} | {"steps": state["steps"]},
         "denoiser_parameters": models.count(model),
     }
-    (target / "dit_probe.json").write_text(json.dumps(settings, indent=2))
+    (target / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     return pipe
 
 
@@ -380,7 +380,5 @@ def run(cfg: TrainConfig, stages=("shared", "data", "mmdit", "unet", "ship"), sh
         if kind in stages:
             finished &= stage_denoiser(kind, cfg, out, shared, data) is not None
     if "ship" in stages and finished:
-        from . import SHIPPED
-
         for kind in cfg.models:
             ship(kind, cfg, out, shared, ship_to or SHIPPED)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .attention import record
 from .attention.plot import plot_layer_step_grid, plot_word_maps
-from .editing import EIMEditor
+from .editing import MODES, EIMEditor
 from .figures import regenerate
 from .registry import MODELS, load_pipeline, sampling_settings
 from .studies import STUDIES
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     ed.add_argument("--source", required=True, help="prompt describing the source image")
     ed.add_argument("--target", help="the same prompt with the edited words changed")
     ed.add_argument("--alphas", default="0,0.5,1,1.5", help="comma-separated edit degrees (negative: backwards)")
-    ed.add_argument("--mode", default="eim", choices=["eim", "prompt-only", "hsds-only", "reference", "sds", "dds"])
+    ed.add_argument("--mode", default="eim", choices=list(MODES))
     ed.add_argument("--phrase", help="target phrase z_s for HSDS / SDS (default: the words the target changes)")
     ed.add_argument("--reference", help="reference image (mode reference)")
     ed.add_argument("--strength", type=float, default=0.75)

@@ -127,17 +127,30 @@ def test_bad_benchmark_folders_say_what_is_wrong(tmp_path):
         bm.BenchmarkConfig(report_alpha=2).check()
     with pytest.raises(ValueError, match="needs clip"):
         bm.BenchmarkConfig(judge="clip").check()
+    with pytest.raises(ValueError, match="'hsds-only/omit' is not available"):  # omitting captions: toy edits only
+        bm.BenchmarkConfig(modes=["hsds-only/omit"]).check()
+    no_targets = [bm.BenchmarkItem(**{**it.__dict__, "target_image": None}) for it in bm.toy_benchmark(per_class=1)[:2]]
+    bm.write_benchmark(tmp_path / "c", no_targets)
+    assert "target_image" not in (tmp_path / "c" / "index.jsonl").read_text()
+    with pytest.raises(bm.BenchmarkFormatError, match="needs a target_image"):
+        bm.run(bm.BenchmarkConfig(models=["toy-mmdit"], data=str(tmp_path / "c"), modes=["text+reference"]),
+               out=tmp_path / "r", quiet=True)
 
 
 # ----- the runner -----
 def test_toy_benchmark_run(tmp_path):
     items = [it for it in bm.toy_benchmark(per_class=1, seed=0, features=("color", "size"))][::2]  # 8 edits
     bm.write_benchmark(tmp_path / "data", items)
-    cfg = bm.BenchmarkConfig(models=["toy-mmdit"], data=str(tmp_path / "data"), modes=["eim", "prompt-only"],
-                             alphas=[0.0, 1.0, 1.5])
+    cfg = bm.BenchmarkConfig(models=["toy-mmdit"], data=str(tmp_path / "data"),
+                             modes=["eim", "prompt-only", "text+reference"], alphas=[0.0, 1.0, 1.5])
     table = bm.run(cfg, out=tmp_path / "run", figures=tmp_path / "fig", log=lambda *a: None).set_index("mode")
     edits = pd.read_csv(tmp_path / "run" / "edits.csv")
-    assert len(edits) == 16 and set(edits["mode"]) == {"eim", "prompt-only"}
+    assert len(edits) == 24 and set(edits["mode"]) == {"eim", "prompt-only", "text+reference"}
+    # the image side against the truth: the oracle's own direction has cosine 1, HSDS's is some other value,
+    # the text-only mode has none
+    cos = edits.groupby("mode").cos_ref
+    assert np.allclose(cos.min()["text+reference"], 1) and np.allclose(cos.max()["text+reference"], 1)
+    assert cos.max()["eim"] < 0.99 and edits[edits["mode"] == "prompt-only"].cos_ref.isna().all()
     for mode in ("eim", "prompt-only"):
         assert table.loc[mode, "judge_target"] >= 0.7  # the edits reach their targets
         assert table.loc[mode, "psnr"] > 15 and 0.3 < table.loc[mode, "ssim"] <= 1

@@ -43,8 +43,13 @@ def test_bad_study_settings_are_refused():
         te.ToyEditConfig(attributes=["background"]).check()
     with pytest.raises(ValueError, match="must include 1.0"):
         te.ToyEditConfig(alphas=[0.0, 0.5]).check()
+    te.ToyEditConfig(modes=["reference", "text+reference", "hsds-only/omit", "reference/omit"]).check()
+    with pytest.raises(ValueError, match="'/omit' is for modes without a text side"):
+        te.ToyEditConfig(modes=["eim/omit"]).check()
     with pytest.raises(ValueError, match="not available"):
-        te.ToyEditConfig(modes=["reference"]).check()
+        te.ToyEditConfig(modes=["hsds-only/full"]).check()
+    with pytest.raises(ValueError, match="distill: unknown setting"):
+        te.ToyEditConfig(distill={"lambda": 1}).check()
 
 
 def test_small_toy_edit_run_measures_and_resumes(tmp_path):
@@ -59,7 +64,7 @@ def test_small_toy_edit_run_measures_and_resumes(tmp_path):
     # the full run (50 edits) measures 98-100% colour success at alpha 1 for toy-mmdit; 6 edits: >= 4
     assert (at1.success >= 4 / 6).all() and (at0.success == 0).all()
     assert (at1.target_score > at0.target_score + 0.5).all()
-    assert edits[edits["mode"] == "eim"].returned.notna().all()  # bidirectional rate recorded for eim
+    assert edits.returned_swap.notna().all() and edits[edits["mode"] == "eim"].returned_image.notna().all()
     logs.clear()
     again = te.run(cfg, out=tmp_path, log=logs.append)  # every unit is on disk: nothing is recomputed
     assert not any("success@1" in m for m in logs)

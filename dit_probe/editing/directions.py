@@ -26,7 +26,18 @@ class EditDirection:
     text_embeds: torch.Tensor | None = None  # (B, L, D): z_c1 - z_c0 of the sequence embedding
     text_pooled: torch.Tensor | None = None  # (B, P): the same for the pooled embedding (SD3, Flux)
     image: torch.Tensor | None = None  # (B, C, h, w): n_zt in the model's latent convention
+    # the paper's per-alpha form: image is (B, A, C, h, w), one n_zt distilled at each of these alphas and
+    # added unscaled (None: one n_zt, scaled by alpha)
+    image_alphas: list[float] | None = None
     meta: dict = field(default_factory=dict)  # mode, prompts, phrases, strength, timestep, settings, ...
+
+    def image_at(self, alpha: float = 1.0) -> torch.Tensor | None:
+        """n_zt at one alpha, (B, C, h, w): alpha * n_zt, or the per-alpha direction distilled there."""
+        if self.image is None or self.image_alphas is None:
+            return None if self.image is None else alpha * self.image
+        if float(alpha) not in self.image_alphas:
+            raise ValueError(f"no direction was distilled at alpha {alpha}; alphas: {self.image_alphas}")
+        return self.image[:, self.image_alphas.index(float(alpha))]
 
     def __len__(self) -> int:
         for x in (self.text_embeds, self.image):
@@ -51,11 +62,16 @@ class EditDirection:
         return out
 
     def apply_image(self, zt: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-        """``zt`` (B, ...) -> (B*A, ...) rows z_t[b] + alphas[a] * n_zt[b]."""
+        """``zt`` (B, ...) -> (B*A, ...) rows z_t[b] + alphas[a] * n_zt[b] (per-alpha form: + n_zt(alpha_a)[b])."""
         a = len(alphas)
         out = zt.repeat_interleave(a, dim=0)
         if self.image is None:
             return out
+        if self.image_alphas is not None:
+            if [float(x) for x in alphas] != self.image_alphas:
+                raise ValueError(f"this direction was distilled at alphas {self.image_alphas} (the per-alpha form); "
+                                 f"manipulate with those, not {[float(x) for x in alphas]}")
+            return out + self.image.flatten(0, 1).to(zt)
         scale = alphas.repeat(len(zt)).to(zt.dtype).view(-1, *([1] * (zt.ndim - 1)))
         return out + scale * self.image.repeat_interleave(a, dim=0).to(zt)
 
@@ -65,7 +81,7 @@ class EditDirection:
                    if getattr(self, k) is not None}
         if not tensors:
             raise ValueError("an empty direction (no text and no image side) cannot be saved")
-        meta = {"dit_probe_direction": json.dumps(self.meta, default=str)}
+        meta = {"dit_probe_direction": json.dumps({**self.meta, "image_alphas": self.image_alphas}, default=str)}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -78,7 +94,8 @@ class EditDirection:
             if "dit_probe_direction" not in info:
                 raise ValueError(f"{path} is a safetensors file but not a saved EditDirection")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(**tensors, meta=json.loads(info["dit_probe_direction"]))
+        meta = json.loads(info["dit_probe_direction"])
+        return cls(**tensors, image_alphas=meta.pop("image_alphas", None), meta=meta)
 
 
 def text_direction(source: Conditioning, target: Conditioning) -> EditDirection:

@@ -4,15 +4,15 @@ All three methods move a copy z'_t of the noised source latent z_t and return n_
 ``eps(z, cond)`` is the model's noise prediction at the editing timestep (flow models: converted
 from v by the adapter); no gradient of the model is needed.
 
-- HSDS (Eq. 1): g = 2 (eps(z'_t, z~_c) - eps(z'_t, z_s)) + lambda 2 (eps(z_t, z~_c) - eps(z'_t, z~_c)),
-  z'_t <- z'_t + sign * eta_k * g. The paper writes the update as z'_t = z_t + eta * dHSDS
-  (sign +1, "ascent"); DESIGN's reading of "minimise" is sign -1 ("descent"). The default,
-  descent with CFG inside eps, was chosen by measurement on the toy world: 50 hsds-only edits
-  per attribute on toy-mmdit, judge P(target) from alpha 0 to 1.5 (``test_hsds_default_convention``):
-      descent + CFG:  colour 0.001 -> 0.083, size 0.12 -> 0.33, shape 0.014 -> 0.070 (all rise)
-      descent, cond:  colour 0.001 -> 0.001, size 0.12 -> 0.14, shape 0.014 -> 0.020
-      ascent + CFG:   colour 0.001 -> 0.001, size 0.12 -> 0.11, shape 0.014 -> 0.021 (and others destroyed)
-      ascent, cond:   colour 0.001 -> 0.001, size 0.12 -> 0.09, shape 0.014 -> 0.000
+- HSDS (Eq. 1): an alignment term a = 2 (eps(z'_t, z~_c) - eps(z'_t, z_s)) and a restraint
+  r = 2 lambda (eps(z_t, z~_c) - eps(z'_t, z~_c)); z'_t <- z'_t + eta_k (sign * a + r).
+  The paper writes the update as z'_t = z_t + eta * dHSDS ("ascent", sign +1); "descent" (sign -1)
+  reads its "minimise" literally. ``sign`` applies to the alignment term only: the restraint always
+  pulls z'_t back towards z_t (eps grows with z, so eps(z_t) - eps(z'_t) points from z'_t to z_t),
+  which is what the paper says lambda is for ("the degree to which z'_t should be close to z_t").
+  Until issue 15 the sign multiplied the restraint too, so under descent a larger lambda pushed
+  z'_t *away* from z_t (the committed Fig. 11 table showed ||n_zt|| growing with lambda).
+  The default convention is chosen by the ``hsds-conventions`` study (docs/editing.md).
   Both eps evaluations of an iteration run in one batched forward pass; eps(z_t, z~_c) does not
   change between iterations and is computed once.
 - SDS: g = eps(z'_t, z_s) - eps_t (eps_t: the encoding noise), z'_t <- z'_t - eta_k g.
@@ -36,8 +36,11 @@ class DistillSettings:
     eta_start: float = 0.1
     eta_end: float = 0.01
     lam: float = 0.5  # HSDS lambda: how strongly z'_t is held near z_t (paper: 0.1-1.0)
-    sign: str = "descent"  # HSDS update: "descent" (z' - eta g; measured default) or "ascent" (the paper's formula)
+    sign: str = "descent"  # HSDS alignment: "descent" (z' - eta a) or "ascent" (z' + eta a, the paper's formula)
     cfg: bool = True  # classifier-free guidance inside eps (the editor's guidance scale; measured default) or cond only
+    # HSDS and alpha: "scale" distils once towards the target caption (alpha 1) and adds alpha * n_zt;
+    # "per-alpha" is the paper's form: distil towards z_c0 + alpha n_c for every alpha and add n_zt(alpha)
+    alpha_form: str = "scale"
 
     def check(self) -> None:
         if self.iterations < 1:
@@ -46,6 +49,8 @@ class DistillSettings:
             raise ValueError(f"step sizes must be > 0, got eta_start={self.eta_start}, eta_end={self.eta_end}")
         if self.sign not in ("ascent", "descent"):
             raise ValueError(f"sign must be 'ascent' or 'descent', got {self.sign!r}")
+        if self.alpha_form not in ("scale", "per-alpha"):
+            raise ValueError(f"alpha_form must be 'scale' or 'per-alpha', got {self.alpha_form!r}")
 
     def etas(self) -> np.ndarray:
         if self.iterations == 1:
@@ -69,8 +74,8 @@ def hsds(eps, z_t, c_tilde: Conditioning, c_s: Conditioning, settings: DistillSe
             e_tilde, e_s = eps(torch.cat([z, z]), both).chunk(2)
         else:
             e_tilde, e_s = eps(z, c_tilde), eps(z, c_s)
-        g = 2 * (e_tilde - e_s) + settings.lam * 2 * (anchor - e_tilde)
-        z = z + sign * float(eta) * g
+        align, restrain = 2 * (e_tilde - e_s), 2 * settings.lam * (anchor - e_tilde)
+        z = z + float(eta) * (sign * align + restrain)
     return z - z_t
 
 

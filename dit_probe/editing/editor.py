@@ -12,7 +12,8 @@
 - Manipulate: for every alpha, z~_c = z_c0 + alpha n_c and z~_t = z_t + alpha n_zt, denoised from s
   and decoded; all alphas of all images run as one batch (``batch_size`` rows at a time).
 Modes pick the sides: eim (text + HSDS), prompt-only (text), hsds-only (HSDS), reference (reference
-image), sds / dds (text + that image direction: the baselines of Fig. 12). Negative alpha edits backwards.
+image), text+reference (text + reference image: the oracle where the target image is known), sds / dds
+(text + that image direction: the baselines of Fig. 12). Negative alpha edits backwards.
 Everything model-specific goes through the adapter, so the same code edits SD3, SD3.5, Flux and UNets.
 """
 
@@ -39,6 +40,7 @@ MODES = {
     "prompt-only": (True, None),
     "hsds-only": (False, "hsds"),
     "reference": (False, "reference"),
+    "text+reference": (True, "reference"),  # the oracle ceiling where the target image is known
     "sds": (True, "sds"),
     "dds": (True, "dds"),
 }
@@ -126,7 +128,10 @@ class EIMEditor:
         return self.adapter.predict(z, t, cond, guidance_scale=guidance)
 
     def _eps_at(self, t):
-        guidance = self.guidance_scale if self.distill.cfg else 1.0  # 1.0: the conditional branch only
+        # cfg=False: the conditional branch alone (guidance 1). Embedded guidance (Flux-dev) is not CFG, so it
+        # keeps the model's value either way: 1.0 would be a different, undistilled operating point.
+        cfg_batch = self.adapter.classifier_free_guidance
+        guidance = self.guidance_scale if (self.distill.cfg or not cfg_batch) else 1.0
 
         def eps(z, cond):
             return self.adapter.to_eps(self._predict(z, t, cond, guidance), z, t)
@@ -195,35 +200,36 @@ class EIMEditor:
 
     # ----- Identify -----
     @torch.no_grad()
-    def identify(self, enc: Encoded, targets=None, mode: str = "eim", phrases=None, reference=None) -> EditDirection:
-        """The edit direction(s) for the encoded images (one per image)."""
+    def identify(self, enc: Encoded, targets=None, mode: str = "eim", phrases=None, reference=None,
+                 alphas=None) -> EditDirection:
+        """The edit direction(s) for the encoded images (one per image). ``alphas``: needed by HSDS in the
+        per-alpha form (``distill.alpha_form``), which distils one image direction per alpha."""
         if mode not in MODES:
             raise EditInputError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
         text_side, method = MODES[mode]
         meta = {"mode": mode, "family": self.adapter.family, "sources": enc.prompts, "strength": self.strength,
                 "timestep": float(enc.t), "steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
                 "seeds": enc.seeds}
+        if method == "reference" and reference is None:
+            raise EditInputError(f"mode {mode!r} needs reference=... (the image showing the target attribute)")
+        direction = EditDirection()
+        if text_side or method != "reference":  # a text side, or a distillation that needs the target prompt
+            if targets is None:
+                raise EditInputError(f"mode {mode!r} needs target prompts")
+            targets = list(ensure_prompts(targets))
+            targets = targets * len(enc) if len(targets) == 1 else targets
+            if len(targets) != len(enc):
+                raise EditInputError(f"{len(enc)} images but {len(targets)} target prompts")
+            same = [s for s, t in zip(enc.prompts, targets) if s.strip() == t.strip()]
+            if same:
+                raise EditInputError(f"source and target prompts do not differ ({same[0]!r}): the target must "
+                                     "describe the edited image, e.g. 'a red car' -> 'a blue car'")
+            cond1 = self._encode_prompts(targets)
+            direction = text_direction(enc.cond, cond1)
+            meta["targets"] = targets
         if method == "reference":
-            if reference is None:
-                raise EditInputError("mode 'reference' needs reference=... (the image showing the target attribute)")
-            zref = self.adapter.add_noise(self.adapter.encode_image(self.pixels(reference)), enc.noise, enc.t)
-            if zref.shape != enc.zt.shape:
-                raise EditInputError(f"{len(zref)} reference images for {len(enc)} source images: give one per image")
-            return EditDirection(image=zref - enc.zt, meta=meta)
-        if targets is None:
-            raise EditInputError(f"mode {mode!r} needs target prompts")
-        targets = list(ensure_prompts(targets))
-        targets = targets * len(enc) if len(targets) == 1 else targets
-        if len(targets) != len(enc):
-            raise EditInputError(f"{len(enc)} images but {len(targets)} target prompts")
-        same = [s for s, t in zip(enc.prompts, targets) if s.strip() == t.strip()]
-        if same:
-            raise EditInputError(f"source and target prompts do not differ ({same[0]!r}): the target must describe "
-                                 "the edited image, e.g. 'a red car' -> 'a blue car'")
-        cond1 = self._encode_prompts(targets)
-        direction = text_direction(enc.cond, cond1)
-        meta["targets"] = targets
-        if method is not None:
+            direction.image = self.reference_direction(enc, reference)
+        elif method is not None:
             meta["distill"] = self.distill.as_dict()
             eps = self._eps_at(enc.t)
             if method in ("hsds", "sds"):
@@ -235,7 +241,13 @@ class EIMEditor:
                     raise EditInputError(f"{len(enc)} images but {len(phrases)} target phrases")
                 meta["phrases"] = phrases
                 c_s = self._encode_prompts(phrases)
-            if method == "hsds":
+            if method == "hsds" and self.distill.alpha_form == "per-alpha":
+                if alphas is None:
+                    raise EditInputError("the per-alpha HSDS form distils one direction per alpha: pass alphas=...")
+                direction.image_alphas = self._alphas(alphas).tolist()
+                image = torch.stack([hsds(eps, enc.zt, direction.apply_text(enc.cond, torch.tensor([a])), c_s,
+                                          self.distill) for a in direction.image_alphas], dim=1)
+            elif method == "hsds":
                 image = hsds(eps, enc.zt, cond1, c_s, self.distill)
             elif method == "sds":
                 image = sds(eps, enc.zt, c_s, enc.noise, self.distill)
@@ -246,6 +258,16 @@ class EIMEditor:
             direction.text_embeds = direction.text_pooled = None
         direction.meta = meta
         return direction
+
+    @torch.no_grad()
+    def reference_direction(self, enc: Encoded, reference) -> torch.Tensor:
+        """n_ref: the reference (target) image encoded and noised at the same timestep with the same noise,
+        minus z_t. Where the target image is known this is the true image direction: the oracle that the
+        distilled directions are compared with (``cos(n_zt, n_ref)``)."""
+        zref = self.adapter.add_noise(self.adapter.encode_image(self.pixels(reference)), enc.noise, enc.t)
+        if zref.shape != enc.zt.shape:
+            raise EditInputError(f"{len(zref)} reference images for {len(enc)} source images: give one per image")
+        return zref - enc.zt
 
     # ----- Manipulate -----
     @torch.no_grad()
@@ -290,5 +312,5 @@ class EIMEditor:
         """Encode, Identify and Manipulate in one call; the alphas share the encoding and the direction."""
         a = self._alphas(alphas)  # bad alphas fail before any model work
         enc = self.encode(images, source, seed)
-        direction = self.identify(enc, target, mode, phrase, reference)
+        direction = self.identify(enc, target, mode, phrase, reference, alphas=a.tolist())
         return EditResult(self.manipulate(enc, direction, a), a.tolist(), direction, dict(direction.meta))

@@ -9,7 +9,7 @@ from .runner import ConfigError, Study, StudyConfig
 
 STUDIES: dict[str, Study] = {s.name: s for s in (
     probing.STUDY, semantic_loss.STUDY, alpha_threshold.STUDY, sde.STUDY, toy_editing.STUDY, benchmark.STUDY,
-    ablations.HSDS_STUDY, ablations.SDS_STUDY)}
+    ablations.HSDS_STUDY, ablations.SDS_STUDY, ablations.CONVENTIONS_STUDY)}
 
 
 def study(name: str) -> Study:

@@ -22,10 +22,12 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from ..editing import DistillSettings
+from ..editing import DistillSettings, EIMEditor
+from ..registry import load_pipeline
 from ..stats import mean_ci
-from .runner import Report, Study, Unit
-from .sources import EditSourceSettings, edit_set, judge_edits, make_source
+from ..toyworld import Judge
+from .runner import PAPER_STRENGTH, Report, Study, StudyConfig, Unit
+from .sources import EDITABLE, EditSourceSettings, edit_batch, edit_set, judge_edits, make_source
 
 
 class HSDSAblationConfig(EditSourceSettings):
@@ -66,14 +68,14 @@ def _edit_rows(editor, source, attribute, n, seed, alphas, mode, phrases_from="t
     captions = [source.caption(lab) for lab in e["sources"]]
     enc = editor.encode(e["rgb"], captions, [seed * 100_000 + i for i in range(n)])
     phrases = e["phrases"] if phrases_from == "target" else captions
-    direction = editor.identify(enc, [source.caption(lab) for lab in e["targets"]], mode, phrases)
+    direction = editor.identify(enc, [source.caption(lab) for lab in e["targets"]], mode, phrases, alphas=alphas)
     if image_only:
         direction.text_embeds = direction.text_pooled = None
     images = editor.manipulate(enc, direction, alphas)
     frame = pd.DataFrame(judge_edits(source.judge, images, e["sources"], e["targets"], attribute, alphas, e["rgb"],
                                      e["masks"]))
     frame.insert(0, "attribute", attribute)
-    frame["direction_norm"] = np.repeat(direction.image.flatten(1).norm(dim=1).cpu().numpy(), len(alphas))
+    frame["direction_norm"] = np.repeat(direction.image_at(1.0).flatten(1).norm(dim=1).cpu().numpy(), len(alphas))
     return frame
 
 
@@ -192,6 +194,7 @@ HSDS_STUDY = Study(
     report=_reporter("hsds-ablation", ["model", "lam", "eta_start"], _plot_hsds),
     axes=("models", "lams", "eta_starts"), paper="Fig. 11: HSDS lambda and step size",
     toy_config="hsds-ablation-toy.yaml", paper_config="hsds-ablation-paper.yaml",
+    revision=2,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15)
     figure_files=("hsds-ablation.png", "hsds-ablation-table.md"), summary_line=_line,
 )
 SDS_STUDY = Study(
@@ -206,3 +209,125 @@ SDS_STUDY = Study(
 )
 run_hsds, hsds_config_from = HSDS_STUDY.run, HSDS_STUDY.config_from
 run_sds, sds_config_from = SDS_STUDY.run, SDS_STUDY.config_from
+
+
+# ----- which HSDS convention (issue 15): ascent/descent x CFG/conditional, compared at matched step -----
+class HSDSConventionConfig(StudyConfig):
+    """The image side alone (hsds-only) under each convention, over a grid of step sizes, so that the
+    conventions are compared at matched effective step (the same ||n_zt||), not at one nominal eta: CFG
+    inside eps multiplies the alignment term by about the guidance scale."""
+
+    models: list[str] = ["toy-mmdit", "toy-unet"]
+    attributes: list[str] = list(EDITABLE)
+    signs: list[str] = ["descent", "ascent"]
+    cfgs: list[bool] = [True, False]
+    eta_starts: list[float] = [0.01, 0.03, 0.1, 0.3]  # decaying to a tenth over the iterations
+    lam: float = 0.5
+    iterations: int = 20
+    caption: str = "omit"  # source caption for the image-only edit: omit the edited attribute, or full
+    n: int = 50  # edits per attribute
+    alphas: list[float] = [0.0, 1.0]
+    strength: float = PAPER_STRENGTH
+    seed: int = 20  # evaluation seeds: edits and noise no tuning has seen (toy-edits used 0, the ablations 2-3)
+
+    def check(self):
+        bad = [a for a in self.attributes if a not in EDITABLE]
+        if bad:
+            raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
+        if self.caption not in ("omit", "full"):
+            raise ValueError(f"caption must be 'omit' or 'full', got {self.caption!r}")
+        for sign in self.signs:
+            DistillSettings(sign=sign).check()
+        if min(self.eta_starts) <= 0 or self.n < 2 or 1.0 not in self.alphas or 0.0 not in self.alphas:
+            raise ValueError("need eta_starts > 0, n >= 2, and alphas including 0 and 1")
+
+
+def _convention_unit(ctx, unit: Unit, cfg: HSDSConventionConfig):
+    editor, judge = ctx
+    eta = unit["eta_start"]
+    editor.distill = DistillSettings(iterations=cfg.iterations, lam=cfg.lam, eta_start=eta, eta_end=eta / 10,
+                                     sign=unit["sign"], cfg=unit["cfg"])
+    mode = "hsds-only/omit" if cfg.caption == "omit" else "hsds-only"
+    b = edit_batch(editor, unit["attribute"], mode, cfg.n, cfg.seed, cfg.alphas)
+    frame = pd.DataFrame(judge_edits(judge, b.images, [s.attributes for s, _ in b.pairs],
+                                     [t.attributes for _, t in b.pairs], unit["attribute"], cfg.alphas, b.sources,
+                                     b.masks))
+    frame["cos_ref"] = np.repeat(b.cos_ref(), len(cfg.alphas))
+    frame["direction_norm"] = np.repeat(b.direction.image_at(1.0).flatten(1).norm(dim=1).cpu().numpy(), len(cfg.alphas))
+    frame["ref_norm"] = np.repeat(b.n_ref.flatten(1).norm(dim=1).cpu().numpy(), len(cfg.alphas))
+    return _with_keys(frame, unit), None
+
+
+def conventions_summary(rows: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
+    """Per model, convention, step and attribute at alpha 1: the target's gain in P(target) over alpha 0,
+    success, preservation, cos(n_zt, n_ref) and ||n_zt|| with 95% bootstrap CIs over edits."""
+    rng = np.random.default_rng(0)
+    keys = ["model", "sign", "cfg", "eta_start", "attribute"]
+    at0 = rows[rows.alpha == 0.0].set_index(keys + ["edit"]).target_score
+    out = []
+    for key, g in rows[rows.alpha == 1.0].groupby(keys, sort=False):
+        g = g.assign(gain=g.target_score.values - at0.loc[[(*key, e) for e in g.edit]].values)
+        row = dict(zip(keys, key), n=len(g))
+        for m in ("gain", "target_score", "success", "preserved", "cos_ref", "direction_norm"):
+            row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
+        row["ref_norm"] = float(g.ref_norm.mean())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _conventions_table(summary: pd.DataFrame) -> str:
+    lines = ["| model | convention | η start | attribute | ‖n_zt‖ (‖n_ref‖) | P(target) gain α 0 → 1 | success | "
+             "others kept | cos(n_zt, n_ref) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        conv = f"{r.sign}, {'CFG' if r.cfg else 'cond'}"
+        lines.append(f"| {r.model} | {conv} | {r.eta_start:g} | {r.attribute} | {r.direction_norm:.2f} ({r.ref_norm:.2f}) | "
+                     f"{r.gain:+.2f} [{r.gain_lo:+.2f}, {r.gain_hi:+.2f}] | {r.success:.0%} | {r.preserved:.0%} | "
+                     f"{r.cos_ref:+.2f} [{r.cos_ref_lo:+.2f}, {r.cos_ref_hi:+.2f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_conventions(summary: pd.DataFrame):
+    models, attrs = list(dict.fromkeys(summary.model)), list(dict.fromkeys(summary.attribute))
+    fig, axes = plt.subplots(2 * len(models), len(attrs), figsize=(3.6 * len(attrs), 5.6 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, attr in enumerate(attrs):
+            g = summary[(summary.model == model) & (summary.attribute == attr)]
+            for (sign, cfg), c in g.groupby(["sign", "cfg"], sort=False):
+                c = c.sort_values("direction_norm")
+                label = f"{sign}, {'CFG' if cfg else 'cond'}"
+                axes[2 * i, j].errorbar(c.direction_norm, c.gain, [c.gain - c.gain_lo, c.gain_hi - c.gain], marker="o",
+                                        ms=3, capsize=2, label=label)
+                axes[2 * i + 1, j].plot(c.direction_norm, c.cos_ref, marker="o", ms=3, label=label)
+            axes[2 * i, j].axhline(0, color="k", lw=0.5)
+            axes[2 * i + 1, j].axhline(0, color="k", lw=0.5)
+            axes[2 * i, j].set(xscale="log", title=f"{model}: {attr}", ylabel="P(target) gain at α=1")
+            axes[2 * i + 1, j].set(xscale="log", xlabel="‖n_zt‖ (matched effective step)", ylabel="cos(n_zt, n_ref)")
+            axes[2 * i, j].title.set_fontsize(9)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _conventions_report(cfg, results, out) -> Report:
+    rows = pd.concat([r.frame for r in results], ignore_index=True)
+    summary = conventions_summary(rows, cfg.bootstrap)
+    table = _conventions_table(summary)
+    return Report(summary, files={"rows.csv": rows, "summary.csv": summary, "table.md": table},
+                  figures={"hsds-conventions.png": _plot_conventions(summary), "hsds-conventions-table.md": table},
+                  text=table)
+
+
+CONVENTIONS_STUDY = Study(
+    name="hsds-conventions", help="HSDS ascent/descent x CFG/conditional at matched step size, judged on toy edits",
+    config=HSDSConventionConfig,
+    units=lambda cfg: [Unit(m, (("sign", s), ("cfg", c), ("eta_start", float(e)), ("attribute", a)))
+                       for m in cfg.models for s in cfg.signs for c in cfg.cfgs for e in cfg.eta_starts
+                       for a in cfg.attributes],
+    setup=lambda cfg, model, shared: (EIMEditor(load_pipeline(model), strength=cfg.strength), Judge()),
+    compute=_convention_unit, report=_conventions_report,
+    axes=("models", "signs", "cfgs", "eta_starts", "attributes"),
+    paper="Eq. 1: the HSDS convention (sign, CFG) at matched step", toy_config="hsds-conventions-toy.yaml",
+    figure_files=("hsds-conventions.png", "hsds-conventions-table.md"),
+    summary_line=lambda f: (f"gain {f[f.alpha == 1].target_score.mean() - f[f.alpha == 0].target_score.mean():+.2f}"
+                            f"  cos {f.cos_ref.mean():+.2f}  |n| {f.direction_norm.mean():.2f}"),
+)

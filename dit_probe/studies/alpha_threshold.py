@@ -85,7 +85,7 @@ def projections(enc, direction, alphas, target_enc=None) -> dict[str, np.ndarray
     one, else the text side. Returns ``z`` (edits, alphas): the standardised projection, ``alpha_match``
     (edits,) and the side used."""
     if direction.image is not None:
-        side, base, n = "image", enc.zt, direction.image
+        side, base, n = "image", enc.zt, direction.image_at(1.0)
         target = target_enc.zt if target_enc is not None else None
     else:
         side, base, n = "text", enc.cond.embeds, direction.text_embeds
@@ -115,7 +115,7 @@ def run_unit(editor, source, attribute: str, mode: str, cfg: AlphaThresholdConfi
     captions = [source.caption(lab) for lab in e["sources"]]
     targets = [source.caption(lab) for lab in e["targets"]]
     enc = editor.encode(e["rgb"], captions, seeds)
-    direction = editor.identify(enc, targets, mode, e["phrases"])
+    direction = editor.identify(enc, targets, mode, e["phrases"], alphas=cfg.alphas)
     images = editor.manipulate(enc, direction, cfg.alphas)
     frame = pd.DataFrame(judge_edits(source.judge, images, e["sources"], e["targets"], attribute, cfg.alphas,
                                      e["rgb"], e["masks"]))
@@ -277,6 +277,7 @@ STUDY = Study(
     compute=_compute, report=_report, axes=("models", "modes", "attributes"),
     paper="Fig. 10: edit degree alpha vs collateral change", toy_config="alpha-threshold-toy.yaml",
     paper_config="alpha-threshold-paper.yaml",
+    revision=2,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15)
     figure_files=("alpha-threshold-curves.png", "alpha-threshold-examples.png", "alpha-threshold-table.md"),
     summary_line=lambda f: "collateral by alpha: " + " ".join(
         f"{a:g}:{v:.2f}" for a, v in f.groupby("alpha").collateral.mean().items()),

@@ -9,8 +9,10 @@ generator, and the runner.
      "background_mask": "masks/color-star-0.png", "source_value": "red", "target_value": "blue"}
 
 ``image`` and ``background_mask`` are paths relative to the folder (the mask: white = background,
-the region an edit must preserve). ``edit_phrase`` (the target phrase z_s), ``roi``, ``source_value`` and
-``target_value`` are optional; the values let the toy judge score the edit.
+the region an edit must preserve). ``edit_phrase`` (the target phrase z_s), ``roi``, ``source_value``,
+``target_value`` and ``target_image`` are optional; the values let the toy judge score the edit, and the
+target image (the edit's true result, known in the toy world) gives the oracle mode ``text+reference``
+and cos(n_zt, n_ref) for the distilled image directions.
 
 **Runner**: every editing mode (eim, prompt-only, hsds-only, dds, sds) edits every image at several
 alphas. Per edit: background PSNR, SSIM and LPIPS against the source inside the mask, at the report
@@ -31,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
-from ..io import write_text
+from ..io import settings_hash, write_text
 from ..metrics import psnr, ssim
 from ..metrics.clip import Clip, clip_score, edit_probability
 from ..metrics.graded import graded_steps
@@ -42,10 +45,10 @@ from ..stats import mean_ci
 from ..toyworld import ATTRIBUTES, SHAPES, Judge, render
 from ..toyworld.world import coverage, random_scene
 from .runner import Report, Study, Unit
-from .sources import EDITABLE, EditorSettings, background_mask, check_modes, phrase_for
+from .sources import EDITABLE, REFERENCE_MODES, EditorSettings, background_mask, check_modes, phrase_for
 
 REQUIRED = ("id", "image", "source_prompt", "edit_prompt", "edit_feature", "object_class", "background_mask")
-OPTIONAL = ("edit_phrase", "roi", "source_value", "target_value")
+OPTIONAL = ("edit_phrase", "roi", "source_value", "target_value", "target_image")
 
 
 class BenchmarkFormatError(ValueError):
@@ -65,6 +68,7 @@ class BenchmarkItem:
     roi: list | None = None
     source_value: str | None = None
     target_value: str | None = None
+    target_image: np.ndarray | None = None  # (H, W, 3) uint8: the true edited image, where known
 
 
 def read_benchmark(folder) -> list[BenchmarkItem]:
@@ -88,7 +92,7 @@ def read_benchmark(folder) -> list[BenchmarkItem]:
         unknown = sorted(set(rec) - set(REQUIRED) - set(OPTIONAL))
         if unknown:
             raise BenchmarkFormatError(f"{index} line {k} has unknown keys {unknown}; optional keys: {', '.join(OPTIONAL)}")
-        paths = {key: folder / rec[key] for key in ("image", "background_mask")}
+        paths = {key: folder / rec[key] for key in ("image", "background_mask", "target_image") if key in rec}
         for key, path in paths.items():
             if not path.exists():
                 raise BenchmarkFormatError(f"{index} line {k}: {key} {rec[key]!r} does not exist in {folder}")
@@ -97,7 +101,11 @@ def read_benchmark(folder) -> list[BenchmarkItem]:
         if mask.shape != image.shape[:2]:
             raise BenchmarkFormatError(f"{index} line {k}: the mask is {mask.shape[1]}x{mask.shape[0]} but the image "
                                        f"{image.shape[1]}x{image.shape[0]}")
-        items.append(BenchmarkItem(**{**rec, "image": image, "background_mask": mask}))
+        target = np.asarray(Image.open(paths["target_image"]).convert("RGB")) if "target_image" in rec else None
+        if target is not None and target.shape != image.shape:
+            raise BenchmarkFormatError(f"{index} line {k}: the target image is {target.shape[1]}x{target.shape[0]} but "
+                                       f"the image {image.shape[1]}x{image.shape[0]}")
+        items.append(BenchmarkItem(**{**rec, "image": image, "background_mask": mask, "target_image": target}))
     if not items:
         raise BenchmarkFormatError(f"{index} lists no edits")
     ids = [it.id for it in items]
@@ -115,8 +123,12 @@ def write_benchmark(folder, items: list[BenchmarkItem]) -> Path:
     for it in items:
         Image.fromarray(it.image).save(folder / "images" / f"{it.id}.png")
         Image.fromarray((it.background_mask * 255).astype(np.uint8)).save(folder / "masks" / f"{it.id}.png")
-        rec = {k: v for k, v in asdict(it).items() if v is not None and k not in ("image", "background_mask")}
+        rec = {k: v for k, v in asdict(it).items() if v is not None and k not in ("image", "background_mask", "target_image")}
         rec.update(image=f"images/{it.id}.png", background_mask=f"masks/{it.id}.png")
+        if it.target_image is not None:
+            (folder / "targets").mkdir(exist_ok=True)
+            Image.fromarray(it.target_image).save(folder / "targets" / f"{it.id}.png")
+            rec["target_image"] = f"targets/{it.id}.png"
         lines.append(json.dumps(rec))
     return write_text(folder / "index.jsonl", "\n".join(lines) + "\n")
 
@@ -137,14 +149,14 @@ def toy_benchmark(per_class: int = 2, seed: int = 0, features=EDITABLE) -> list[
                     id=f"{feature}-{shape}-{k}", image=render(s), source_prompt=s.caption(), edit_prompt=t.caption(),
                     edit_feature=feature, object_class=shape, background_mask=background_mask(s, t),
                     edit_phrase=phrase_for(t, feature), roi=[int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
-                    source_value=getattr(s, feature), target_value=value))
+                    source_value=getattr(s, feature), target_value=value, target_image=render(t)))
     return items
 
 
 class BenchmarkConfig(EditorSettings):
-    data: str | None = None  # a benchmark folder; None: the toy benchmark, generated into <out>/data
+    data: str | None = None  # a benchmark folder; None: the toy benchmark, generated into <out>/data-<hash>
     per_class: int = 2  # toy benchmark: edits per (feature, object class)
-    modes: list[str] = ["eim", "prompt-only", "hsds-only", "dds", "sds"]
+    modes: list[str] = ["prompt-only", "eim", "hsds-only", "dds", "sds", "text+reference"]
     alphas: list[float] = [0.0, 0.5, 1.0, 1.5]
     report_alpha: float = 1.0  # background and CLIP metrics are read at this alpha
     seed: int = 0
@@ -155,7 +167,7 @@ class BenchmarkConfig(EditorSettings):
     chunk: int = 16  # edits per editor call
 
     def check(self):
-        check_modes(self.modes)
+        check_modes(self.modes, references=True)  # reference modes: every item needs a target_image (checked)
         if float(self.report_alpha) not in [float(a) for a in self.alphas]:
             raise ValueError(f"report_alpha {self.report_alpha} must be one of the alphas {self.alphas}")
         if len(self.alphas) < 2:
@@ -196,7 +208,15 @@ def run_unit(editor, items, mode, cfg, clip=None, lpips=None) -> pd.DataFrame:
         seeds = [cfg.seed * 100_000 + lo + i for i in range(len(part))]
         enc = editor.encode(sources, [it.source_prompt for it in part], seeds)
         phrases = [it.edit_phrase for it in part] if all(it.edit_phrase for it in part) else None
-        direction = editor.identify(enc, [it.edit_prompt for it in part], mode, phrases)
+        targets = (np.stack([_at_size(it.target_image, editor.size) for it in part])
+                   if all(it.target_image is not None for it in part) else None)
+        if targets is None and mode in REFERENCE_MODES:
+            raise BenchmarkFormatError(f"mode {mode!r} needs a target_image for every edit; this benchmark has none")
+        direction = editor.identify(enc, [it.edit_prompt for it in part], mode, phrases, reference=targets, alphas=alphas)
+        n_image = direction.image_at(1.0)
+        cos = (torch.nn.functional.cosine_similarity(n_image.flatten(1).double(), editor.reference_direction(
+            enc, targets).flatten(1).double(), dim=1).cpu().numpy() if n_image is not None and targets is not None
+            else np.full(len(part), np.nan))
         images = editor.manipulate(enc, direction, alphas)
         scores = _judge_scores(cfg, part, images, clip)
         steps = graded_steps(scores, alphas, cfg.graded_delta)
@@ -208,7 +228,7 @@ def run_unit(editor, items, mode, cfg, clip=None, lpips=None) -> pd.DataFrame:
                    "lpips": float(lpips.distance(src, out, mask)) if lpips is not None else np.nan,
                    "clip_score": float(clip_score(clip, out[None], it.edit_prompt)[0]) if clip is not None else np.nan,
                    "judge_target": float(scores[i, k]), "judge_start": float(scores[i, alphas.index(min(alphas))]),
-                   "graded": float(steps[i].mean())}
+                   "graded": float(steps[i].mean()), "cos_ref": float(cos[i])}
             rows.append(row)
     frame = pd.DataFrame(rows)
     frame.insert(0, "mode", mode)
@@ -229,7 +249,7 @@ def summarise(edits: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     out = []
     for (model, mode), g in edits.groupby(["model", "mode"], sort=False):
         row = {"model": model, "mode": mode, "edits": len(g)}
-        for m in ("psnr", "lpips", "ssim", "clip_score", "judge_target", "graded"):
+        for m in ("psnr", "lpips", "ssim", "clip_score", "judge_target", "graded", "cos_ref"):
             row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
         out.append(row)
     return pd.DataFrame(out)
@@ -244,14 +264,15 @@ def markdown_table(table: pd.DataFrame, cfg: BenchmarkConfig) -> str:
 
     judge = "toy judge" if cfg.judge == "toy" else "CLIP"
     lines = [f"| model | method | PSNR ↑ | LPIPS ×10³ ↓ | SSIM ×10² ↑ | CLIPScore ↑ | P(target) ×10² ({judge}) ↑ | "
-             f"graded-edit ×10² ({judge}) ↑ |", "|---|---|---|---|---|---|---|---|"]
+             f"graded-edit ×10² ({judge}) ↑ | cos(n_zt, n_ref) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in table.to_dict("records"):
         lines.append(f"| {r['model']} | {r['mode']} | {cell(r, 'psnr')} | {cell(r, 'lpips', 1000, '{:.0f}')} | "
                      f"{cell(r, 'ssim', 100)} | {cell(r, 'clip_score')} | {cell(r, 'judge_target', 100, '{:.0f}')} | "
-                     f"{cell(r, 'graded', 100, '{:.0f}')} |")
+                     f"{cell(r, 'graded', 100, '{:.0f}')} | {cell(r, 'cos_ref', 1, '{:+.2f}')} |")
     notes = [f"Background metrics and CLIPScore at alpha = {cfg.report_alpha:g}, inside the background mask; "
              f"graded-edit: share of consecutive alphas {cfg.alphas} where P(target) rises by more than "
-             f"{cfg.graded_delta:g}; 95% bootstrap CIs over edits."]
+             f"{cfg.graded_delta:g}; cos(n_zt, n_ref): the image direction against the true one (the target image "
+             "noised alike), for the distilled directions; 95% bootstrap CIs over edits."]
     if cfg.lpips is None:
         notes.append("LPIPS: not computed (no AlexNet weights given; set lpips: PATH or 'torchvision').")
     if cfg.clip is None:
@@ -260,7 +281,8 @@ def markdown_table(table: pd.DataFrame, cfg: BenchmarkConfig) -> str:
 
 
 def _prepare(cfg: BenchmarkConfig, out: Path):
-    data = Path(cfg.data) if cfg.data else out / "data"
+    # the generated toy benchmark is keyed by what makes it, so another seed never reuses old edits
+    data = Path(cfg.data) if cfg.data else out / f"data-{settings_hash({'per_class': cfg.per_class, 'seed': cfg.seed})}"
     if not cfg.data and not (data / "index.jsonl").exists():
         write_benchmark(data, toy_benchmark(cfg.per_class, cfg.seed))
     return {"items": read_benchmark(data), "clip": Clip(cfg.clip) if cfg.clip else None,
@@ -285,6 +307,7 @@ STUDY = Study(
                                              ctx[1]["lpips"]), None),
     report=_report, axes=("models", "modes"),
     paper="Table 2: background PSNR/SSIM, judge P(target), graded-edit score", toy_config="benchmark-toy.yaml",
+    revision=2,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15)
     paper_config="benchmark-paper.yaml", figure_files=("benchmark-table2.md", "benchmark-table2.csv"),
     summary_line=lambda f: (f"PSNR {f.psnr.mean():.1f}  SSIM {f.ssim.mean():.3f}  P(target) {f.judge_target.mean():.2f}"
                             f"  graded {f.graded.mean():.0%}"),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -113,8 +114,8 @@ class Unit:
     keys: tuple[tuple[str, Any], ...] = ()
 
     @property
-    def name(self) -> str:
-        return "--".join(f"{v}" for _, v in self.keys) or "all"
+    def name(self) -> str:  # a file name: '/' (as in 'hsds-only/omit') and other odd characters become '_'
+        return re.sub(r"[^A-Za-z0-9_.+=-]", "_", "--".join(f"{v}" for _, v in self.keys)) or "all"
 
     def __getitem__(self, key):
         return dict(self.keys)[key]

@@ -13,15 +13,17 @@ size, one label dict per image), ``caption(labels, drop=())``, ``flip(attribute,
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
-from ..editing import MODES, EIMEditor
+from ..editing import MODES, DistillSettings, EIMEditor
 from ..metrics import psnr, ssim
 from ..registry import load_pipeline
 from ..toyworld import ATTRIBUTES, Judge, caption, render_many, scenes
@@ -201,7 +203,7 @@ def make_source(kind: str = "toy", celeba=None, attributes=None, clip=None):
 
 # ----- edits with known targets (the editing studies share them) -----
 EDITABLE = ("color", "size", "shape")  # toy attributes an edit can change (background is the scene itself)
-EDIT_MODES = [m for m in MODES if m != "reference"]  # the modes a study can run without reference images
+REFERENCE_MODES = [m for m, (_, method) in MODES.items() if method == "reference"]  # need the target image
 
 
 def toy_edit_pairs(attribute: str, n: int, seed: int):
@@ -273,7 +275,8 @@ def judge_edits(judge, images, sources: list[dict], targets: list[dict], attribu
 @dataclass
 class EditBatch:
     """One attribute's edits in one mode: the pairs, their renders and masks, Encode's and Identify's
-    outputs, and the edited images (edits, alphas, H, W, 3)."""
+    outputs, the true image direction n_ref (the target render noised alike, minus z_t), and the edited
+    images (edits, alphas, H, W, 3)."""
 
     pairs: list
     sources: np.ndarray
@@ -281,18 +284,36 @@ class EditBatch:
     seeds: list[int]
     enc: object
     direction: object
+    n_ref: object
     images: np.ndarray
+
+    def cos_ref(self) -> np.ndarray:
+        """cos(n_zt, n_ref) per edit (NaN without an image side): how well the image side finds the truth."""
+        if self.direction.image is None:
+            return np.full(len(self.pairs), np.nan)
+        a, b = self.direction.image_at(1.0).flatten(1).double(), self.n_ref.flatten(1).double()
+        return (torch.nn.functional.cosine_similarity(a, b, dim=1)).cpu().numpy()
+
+
+def split_mode(mode: str) -> tuple[str, bool]:
+    """'hsds-only/omit' -> ('hsds-only', True): an image-side-only mode run with the source caption that
+    omits the edited attribute (in distribution: the toy models were trained with word dropout)."""
+    base, _, caption = mode.partition("/")
+    return base, caption == "omit"
 
 
 def edit_batch(editor, attribute: str, mode: str, n: int, seed: int, alphas) -> EditBatch:
     """Encode, Identify and Manipulate for ``n`` toy edits of ``attribute`` at every alpha (one batch)."""
+    base, omit = split_mode(mode)
     pairs = toy_edit_pairs(attribute, n, seed)
-    sources = render_many([s for s, _ in pairs])
+    sources, targets = render_many([s for s, _ in pairs]), render_many([t for _, t in pairs])
     masks = np.stack([background_mask(s, t) for s, t in pairs])
     seeds = [seed * 100_000 + i for i in range(len(pairs))]
-    enc = editor.encode(sources, [s.caption() for s, _ in pairs], seeds)
-    direction = editor.identify(enc, [t.caption() for _, t in pairs], mode, [phrase_for(t, attribute) for _, t in pairs])
-    return EditBatch(pairs, sources, masks, seeds, enc, direction, editor.manipulate(enc, direction, alphas))
+    enc = editor.encode(sources, [s.caption(drop=(attribute,) if omit else ()) for s, _ in pairs], seeds)
+    direction = editor.identify(enc, [t.caption() for _, t in pairs], base, [phrase_for(t, attribute) for _, t in pairs],
+                                reference=targets if base in REFERENCE_MODES else None, alphas=alphas)
+    n_ref = editor.reference_direction(enc, targets)
+    return EditBatch(pairs, sources, masks, seeds, enc, direction, n_ref, editor.manipulate(enc, direction, alphas))
 
 
 class EditorSettings(StudyConfig):
@@ -320,7 +341,27 @@ class EditSourceSettings(EditorSettings):
             raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
 
 
-def check_modes(modes) -> None:
-    bad = [m for m in modes if m not in EDIT_MODES]
+def distill_settings(overrides: dict) -> DistillSettings:
+    """DistillSettings with a config's overrides; an unknown field or a bad value is a clear error."""
+    known = {f.name for f in dataclasses.fields(DistillSettings)}
+    bad = sorted(set(overrides) - known)
     if bad:
-        raise ValueError(f"modes {bad} are not available here; choose from {EDIT_MODES}")
+        raise ValueError(f"distill: unknown setting(s) {bad}; valid: {sorted(known)}")
+    d = DistillSettings(**overrides)
+    d.check()
+    return d
+
+
+def check_modes(modes, references: bool = False) -> None:
+    """Editing modes a study can run: every editor mode, the reference ones only where the target image is
+    known (``references``), and '/omit' (the caption without the edited attribute) only for modes
+    without a text side."""
+    allowed = [m for m in MODES if references or m not in REFERENCE_MODES]
+    for mode in modes:
+        base, omit = split_mode(mode)
+        if base not in allowed or mode.count("/") > (1 if omit and references else 0):
+            raise ValueError(f"mode {mode!r} is not available here; choose from {allowed}"
+                             + (" (image-side-only modes may add '/omit')" if references else ""))
+        if omit and MODES[base][0]:
+            raise ValueError(f"mode {mode!r}: '/omit' is for modes without a text side (the text side changes "
+                             "the caption itself)")

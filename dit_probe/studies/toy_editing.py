@@ -27,12 +27,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..editing import DistillSettings, EIMEditor
+from ..editing import DistillSettings, EditDirection, EIMEditor
 from ..registry import load_pipeline
 from ..stats import mean_ci
 from ..toyworld import Judge
 from .runner import PAPER_STRENGTH, Report, Study, StudyConfig, Unit
-from .sources import EDITABLE, check_modes, edit_batch, judge_edits
+from .sources import EDITABLE, check_modes, distill_settings, edit_batch, judge_edits
 
 
 class ToyEditConfig(StudyConfig):
@@ -43,29 +43,22 @@ class ToyEditConfig(StudyConfig):
     strength: float = PAPER_STRENGTH
     seed: int = 0  # scenes, targets and noise
     bidirectional: bool = True  # eim only: +1 then -1
-    # image-side settings (DistillSettings); None keeps the editor's default
-    sign: str | None = None
-    cfg_in_eps: bool | None = None
-    lam: float | None = None
-    iterations: int | None = None
+    distill: dict = {}  # image-side settings (DistillSettings fields, e.g. {lam: 1.0}); unset ones keep the defaults
     batch_size: int | None = None
 
     def check(self):
         bad = [a for a in self.attributes if a not in EDITABLE]
         if bad:
             raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
-        check_modes(self.modes)
+        check_modes(self.modes, references=True)
         if self.n < 2:
             raise ValueError(f"n must be >= 2 edits per attribute, got {self.n}")
         if 1.0 not in [float(a) for a in self.alphas]:
             raise ValueError("alphas must include 1.0 (success is read at alpha = 1)")
+        self.distill_settings()
 
-    def distill(self) -> DistillSettings:
-        d = DistillSettings()
-        for ours, theirs in (("sign", "sign"), ("cfg_in_eps", "cfg"), ("lam", "lam"), ("iterations", "iterations")):
-            if getattr(self, ours) is not None:
-                setattr(d, theirs, getattr(self, ours))
-        return d
+    def distill_settings(self) -> DistillSettings:
+        return distill_settings(self.distill)
 
 
 def run_unit(editor, judge, attribute: str, mode: str, cfg: ToyEditConfig) -> pd.DataFrame:
@@ -75,27 +68,42 @@ def run_unit(editor, judge, attribute: str, mode: str, cfg: ToyEditConfig) -> pd
     rows = judge_edits(judge, images, [s.attributes for s, _ in pairs], [t.attributes for _, t in pairs], attribute,
                        cfg.alphas, b.sources, b.masks)
     frame = pd.DataFrame(rows)
-    if cfg.bidirectional and mode == "eim":
-        k = [float(a) for a in cfg.alphas].index(1.0)
-        back_enc = editor.encode(images[:, k], [t.caption() for _, t in pairs], seeds)
-        back = editor.manipulate(back_enc, b.direction, [-1.0])
-        reads = judge.read(back[:, 0])
-        frame["returned"] = np.repeat([r[attribute] == getattr(s, attribute) for r, (s, _) in zip(reads, pairs)],
-                                      len(cfg.alphas))
+    frame["cos_ref"] = np.repeat(b.cos_ref(), len(cfg.alphas))
+    if cfg.bidirectional:
+        for name, back in returns(editor, b, alphas=cfg.alphas).items():
+            reads = judge.read(back)
+            frame[name] = np.repeat([r[attribute] == getattr(s, attribute) for r, (s, _) in zip(reads, pairs)],
+                                    len(cfg.alphas))
     frame.insert(0, "attribute", attribute)
     frame.insert(0, "mode", mode)
     return frame
+
+
+def returns(editor, b, alphas) -> dict[str, np.ndarray]:
+    """Bidirectional edits: the alpha = 1 result re-encoded under the target caption (same noise), then
+    - ``returned_swap``: alpha = -1 along the same direction. Its text side lands exactly on the source
+      caption, so this is a prompt swap back (plus -n_zt on the image side);
+    - ``returned_image``: -n_zt alone, the caption kept at the target: does the image direction by
+      itself walk the edit back? (modes with an image side only)."""
+    k = [float(a) for a in alphas].index(1.0)
+    targets = [t.caption() for _, t in b.pairs]
+    back_enc = editor.encode(b.images[:, k], targets, b.seeds)
+    out = {"returned_swap": editor.manipulate(back_enc, b.direction, [-1.0])[:, 0]}
+    if b.direction.image is not None:
+        out["returned_image"] = editor.manipulate(back_enc, EditDirection(image=b.direction.image_at(1.0)), [-1.0])[:, 0]
+    return out
 
 
 def summarise(edits: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     """Means with 95% bootstrap CIs over edits, per model, mode, attribute and alpha."""
     rng = np.random.default_rng(0)
     rows = []
-    measures = ["target_score", "success", "preserved", "background_psnr", "background_ssim"] + (["returned"] if "returned" in edits else [])
+    measures = ["target_score", "success", "preserved", "background_psnr", "background_ssim", "cos_ref",
+                "returned_swap", "returned_image"]
     for key, g in edits.groupby(["model", "mode", "attribute", "alpha"], sort=False):
         row = dict(zip(["model", "mode", "attribute", "alpha"], key), n=len(g))
         for m in measures:
-            if m == "returned" and g[m].isna().all():
+            if m not in g or g[m].isna().all():
                 continue
             row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
         rows.append(row)
@@ -108,19 +116,26 @@ def _change(at0, at1, key, fmt) -> str:
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    """Success and preservation at alpha = 1, the score slope, and bidirectional return, per model and mode."""
+    """Success and preservation at alpha = 1, the score slope, the image side against the truth, and
+    bidirectional return, per model and mode."""
     lines = ["| model | mode | attribute | target score α=0 → 1 | success α=1 | others preserved α=0 → 1 | "
-             "background PSNR α=0 → 1 (dB) | returned (+1 then −1) |", "|---|---|---|---|---|---|---|---|"]
+             "background PSNR α=0 → 1 (dB) | cos(n_zt, n_ref) | returned: swap / image side |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def pct(r, m):
+        return f"{r[m]:.0%}" if m in r and pd.notna(r[m]) else "–"
+
     for (model, mode, attr), g in summary.groupby(["model", "mode", "attribute"], sort=False):
         a0, a1 = g[g.alpha == 0.0], g[g.alpha == 1.0]
         if a1.empty:
             continue
         r = a1.iloc[0]
         z = a0.iloc[0] if not a0.empty else None
-        ret = f"{r.returned:.0%}" if pd.notna(r.get("returned")) else "–"
+        cos = f"{r.cos_ref:.2f}" if "cos_ref" in r and pd.notna(r.cos_ref) else "–"
         lines.append(f"| {model} | {mode} | {attr} | {_change(z, r, 'target_score', '{:.2f}')} | "
                      f"{r.success:.0%} [{r.success_lo:.0%}, {r.success_hi:.0%}] | {_change(z, r, 'preserved', '{:.0%}')} | "
-                     f"{_change(z, r, 'background_psnr', '{:.1f}')} | {ret} |")
+                     f"{_change(z, r, 'background_psnr', '{:.1f}')} | {cos} | "
+                     f"{pct(r, 'returned_swap')} / {pct(r, 'returned_image')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +160,7 @@ def plot_curves(summary: pd.DataFrame):
 
 
 def _setup(cfg: ToyEditConfig, model: str, shared) -> SimpleNamespace:
-    return SimpleNamespace(editor=EIMEditor(load_pipeline(model), strength=cfg.strength, distill=cfg.distill(),
+    return SimpleNamespace(editor=EIMEditor(load_pipeline(model), strength=cfg.strength, distill=cfg.distill_settings(),
                                             batch_size=cfg.batch_size), judge=Judge())
 
 
@@ -172,6 +187,7 @@ STUDY = Study(
     compute=lambda ctx, unit, cfg: (run_unit(ctx.editor, ctx.judge, unit["attribute"], unit["mode"], cfg), None),
     report=_report, axes=("models", "modes", "attributes"),
     paper="sections 3.1, 5.2: EIM and ablations, bidirectional edits", toy_config="toy-edits.yaml",
+    revision=2,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15)
     figure_files=("editing-toy-curves.png", "editing-toy-table.md", "editing-toy-summary.csv"), summary_line=_line,
 )
 run, config_from = STUDY.run, STUDY.config_from

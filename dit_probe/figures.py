@@ -100,7 +100,7 @@ def _read_minutes(index: Path) -> dict:
     for e in ENTRIES:
         for line in index.read_text().splitlines():
             if f"`{command(e)}`" in line:
-                cell = line.rstrip("| ").rsplit("|", 1)[-1].strip()
+                cell = line.strip().strip("|").split("|")[-1].strip()  # the last cell, empty when never timed
                 if cell:
                     out[e.name] = float(cell) * 60
     return out

@@ -120,4 +120,9 @@ def experiments_index() -> str:
     for s in STUDIES.values():
         link = lambda f: f"[{f}]({f})" if f else "–"  # noqa: E731
         lines.append(f"| {s.paper.split(':')[0]} | `{s.name}` | {s.help} | {link(s.toy_config)} | {link(s.paper_config)} |")
+    declared = {c for s in STUDIES.values() for c in (s.toy_config, s.paper_config)}
+    variants = sorted(p.name for p in (ROOT / "experiments").glob("*.yaml") if p.name not in declared)
+    if variants:
+        lines += ["", "Variants (the same study with other settings; each file says why and how to run it): "
+                  + ", ".join(f"[{v}]({v})" for v in variants) + "."]
     return "\n".join(lines) + "\n"

@@ -58,7 +58,8 @@ def test_unrelated_changes_recompute_nothing(tmp_path):
     te.run(_edits(modes=["prompt-only", "dds"]), out=tmp_path, quiet=True)  # a new mode: only its unit
     assert _computed(tmp_path) == 1
     again = pd.read_csv(tmp_path / "edits.csv")
-    pd.testing.assert_frame_equal(again[again["mode"] == "prompt-only"].reset_index(drop=True), first)
+    again = again[again["mode"] == "prompt-only"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(again[first.columns], first)
 
 
 def test_second_study_keys_units_by_settings_too(tmp_path):
@@ -156,7 +157,7 @@ def test_each_study_has_its_own_options_and_help(capsys):
         assert e.value.code == 0
         helps[name] = capsys.readouterr().out
     assert "--folds" in helps["probing"] and "--folds" not in helps["sde"]
-    assert "--lam" in helps["toy-edits"] and "--norm" in helps["sde"] and "--guide" in helps["sds-guidance"]
+    assert "--distill" in helps["toy-edits"] and "--norm" in helps["sde"] and "--guide" in helps["sds-guidance"]
     with pytest.raises(SystemExit) as e:  # an option of another study (alpha-threshold) is refused
         main(["run", "hsds-ablation", "--tolerance", "0.1"])
     assert e.value.code == 2 and "unrecognized arguments: --tolerance" in capsys.readouterr().err

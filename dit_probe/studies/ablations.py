@@ -27,7 +27,7 @@ from ..registry import load_pipeline
 from ..stats import mean_ci
 from ..toyworld import Judge
 from .runner import PAPER_STRENGTH, Report, Study, StudyConfig, Unit
-from .sources import EDITABLE, EditSourceSettings, edit_batch, edit_set, judge_edits, make_source
+from .sources import EDITABLE, EditSourceSettings, edit_batch, edit_set, judge_edits, source_for
 
 
 class HSDSAblationConfig(EditSourceSettings):
@@ -142,13 +142,6 @@ def _plot_sds(summary, alpha):
     return fig
 
 
-def _prepare(cfg, out):
-    source = make_source(cfg.source, cfg.celeba, None, cfg.clip)  # every attribute: the others are checked
-    for a in cfg.attributes:
-        source.check(a)
-    return source
-
-
 def _with_keys(frame: pd.DataFrame, unit: Unit) -> pd.DataFrame:
     for i, (k, v) in enumerate(unit.keys):
         frame.insert(i, k, v)
@@ -190,7 +183,8 @@ HSDS_STUDY = Study(
     name="hsds-ablation", help="HSDS lambda x step-size grid on edits (Fig. 11)", config=HSDSAblationConfig,
     units=lambda cfg: [Unit(m, (("lam", float(lam)), ("eta_start", float(eta)))) for m in cfg.models
                        for lam in cfg.lams for eta in cfg.eta_starts],
-    prepare=_prepare, setup=lambda cfg, model, source: (cfg.editor(model), source), compute=_hsds_unit,
+    prepare=lambda cfg, out: source_for(cfg, every_attribute=True),
+    setup=lambda cfg, model, source: (cfg.editor(model), source), compute=_hsds_unit,
     report=_reporter("hsds-ablation", ["model", "lam", "eta_start"], _plot_hsds),
     axes=("models", "lams", "eta_starts"), paper="Fig. 11: HSDS lambda and step size",
     toy_config="hsds-ablation-toy.yaml", paper_config="hsds-ablation-paper.yaml",
@@ -201,7 +195,8 @@ SDS_STUDY = Study(
     name="sds-guidance", help="SDS image direction guided by the target phrase vs the source prompt (Fig. 12)",
     config=SDSGuidanceConfig,
     units=lambda cfg: [Unit(m, (("guide", g),)) for m in cfg.models for g in cfg.guides],
-    prepare=_prepare, setup=lambda cfg, model, source: (cfg.editor(model), source), compute=_sds_unit,
+    prepare=lambda cfg, out: source_for(cfg, every_attribute=True),
+    setup=lambda cfg, model, source: (cfg.editor(model), source), compute=_sds_unit,
     report=_reporter("sds-guidance", ["model", "guide"], _plot_sds), axes=("models", "guides"),
     paper="Fig. 12: SDS guided by the target vs the source prompt", toy_config="sds-guidance-toy.yaml",
     paper_config="sds-guidance-paper.yaml", figure_files=("sds-guidance.png", "sds-guidance-table.md"),

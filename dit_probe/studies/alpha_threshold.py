@@ -34,7 +34,7 @@ import pandas as pd
 
 from ..stats import mean_ci
 from .runner import Report, Study, Unit
-from .sources import EditSourceSettings, check_modes, edit_set, judge_edits, make_source
+from .sources import EditSourceSettings, check_modes, edit_set, judge_edits, source_for
 
 
 class AlphaThresholdConfig(EditSourceSettings):
@@ -242,13 +242,6 @@ def plot_strips(strips: dict, alphas):
     return fig
 
 
-def _prepare(cfg: AlphaThresholdConfig, out):
-    source = make_source(cfg.source, cfg.celeba, None, cfg.clip)  # every attribute: collateral is read on the others
-    for a in cfg.attributes:
-        source.check(a)
-    return source
-
-
 def _compute(ctx, unit: Unit, cfg: AlphaThresholdConfig):
     editor, source = ctx
     frame, strip = run_unit(editor, source, unit["attribute"], unit["mode"], cfg)
@@ -273,7 +266,7 @@ STUDY = Study(
     config=AlphaThresholdConfig,
     units=lambda cfg: [Unit(m, (("mode", mode), ("attribute", a))) for m in cfg.models for mode in cfg.modes
                        for a in cfg.attributes],
-    prepare=_prepare, setup=lambda cfg, model, source: (cfg.editor(model, batch_size=cfg.batch_size), source),
+    prepare=lambda cfg, out: source_for(cfg, every_attribute=True), setup=lambda cfg, model, source: (cfg.editor(model, batch_size=cfg.batch_size), source),
     compute=_compute, report=_report, axes=("models", "modes", "attributes"),
     paper="Fig. 10: edit degree alpha vs collateral change", toy_config="alpha-threshold-toy.yaml",
     paper_config="alpha-threshold-paper.yaml",

@@ -29,7 +29,7 @@ from ..metrics.sde import NORMS, sde
 from ..registry import load_pipeline
 from ..stats import mean_ci
 from .runner import PAPER_STRENGTH, Report, Study, StudyConfig, Unit
-from .sources import make_source
+from .sources import source_for
 
 
 class SDEConfig(StudyConfig):
@@ -56,13 +56,6 @@ class SDEConfig(StudyConfig):
             raise ValueError(f"unknown norm {self.norm!r}; choose from {NORMS}")
         if self.n < 2 or self.seeds < 1:
             raise ValueError(f"need n >= 2 images and seeds >= 1, got n={self.n}, seeds={self.seeds}")
-
-
-def _prepare(cfg: SDEConfig, out):
-    source = make_source(cfg.source, cfg.celeba, cfg.attributes, cfg.clip)
-    for a in cfg.attributes:
-        source.check(a)
-    return source
 
 
 def _setup(cfg: SDEConfig, model: str, source) -> SimpleNamespace:
@@ -153,7 +146,7 @@ def _report(cfg: SDEConfig, results, out) -> Report:
 STUDY = Study(
     name="sde", help="the SDE disentanglement metric per model and binary attribute (Table 3)", config=SDEConfig,
     units=lambda cfg: [Unit(m, (("attribute", a),)) for m in cfg.models for a in cfg.attributes],
-    prepare=_prepare, setup=_setup,
+    prepare=lambda cfg, out: source_for(cfg), setup=_setup,
     compute=lambda ctx, unit, cfg: (run_unit(ctx.editor, ctx.source, unit["attribute"], cfg), None),
     report=_report, axes=("models", "attributes"),
     paper="Table 3: the SDE metric per model and attribute", toy_config="sde-toy.yaml", paper_config="sde-paper.yaml",

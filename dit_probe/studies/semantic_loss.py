@@ -29,7 +29,7 @@ from ..editing import EIMEditor
 from ..registry import load_pipeline
 from ..stats import mean_ci
 from .runner import Report, Study, StudyConfig, Unit
-from .sources import make_source
+from .sources import make_source, source_for
 
 PROMPTS = ("full", "omit", "empty")
 
@@ -63,13 +63,6 @@ class SemanticLossConfig(StudyConfig):
             raise ValueError(f"unknown prompt kind(s) {bad}; choose from {list(PROMPTS)}")
         if self.n < 2 or self.seeds < 1:
             raise ValueError(f"need n >= 2 images and seeds >= 1, got n={self.n}, seeds={self.seeds}")
-
-
-def _prepare(cfg: SemanticLossConfig, out):
-    source = make_source(cfg.source, cfg.celeba, cfg.attributes, cfg.clip)
-    for a in cfg.attributes:
-        source.check(a)
-    return source
 
 
 def _setup(cfg: SemanticLossConfig, model: str, source) -> SimpleNamespace:
@@ -229,7 +222,7 @@ STUDY = Study(
     name="semantic-loss", help="attribute retention vs forward strength with full / omit / empty prompts (Fig. 13)",
     config=SemanticLossConfig,
     units=lambda cfg: [Unit(m, (("strength", float(s)),)) for m in cfg.models for s in cfg.strengths],
-    prepare=_prepare, setup=_setup, compute=_compute, report=_report, axes=("models", "strengths"),
+    prepare=lambda cfg, out: source_for(cfg), setup=_setup, compute=_compute, report=_report, axes=("models", "strengths"),
     paper="Fig. 13: attributes lost with forward strength when unnamed", toy_config="semantic-loss-toy.yaml",
     paper_config="semantic-loss-paper.yaml",
     figure_files=("semantic-loss-curves.png", "semantic-loss-grid.png", "semantic-loss-table.md"),

@@ -201,6 +201,15 @@ def make_source(kind: str = "toy", celeba=None, attributes=None, clip=None):
     raise ValueError(f"unknown image source {kind!r}; choose 'toy' or 'celeba'")
 
 
+def source_for(cfg, every_attribute: bool = False):
+    """The image source a config names (``source``, ``celeba``, ``clip``), checked against the attributes it
+    studies. ``every_attribute``: load all of the source's attributes (collateral is read on the others)."""
+    source = make_source(cfg.source, cfg.celeba, None if every_attribute else cfg.attributes, cfg.clip)
+    for a in cfg.attributes:
+        source.check(a)
+    return source
+
+
 # ----- edits with known targets (the editing studies share them) -----
 EDITABLE = ("color", "size", "shape")  # toy attributes an edit can change (background is the scene itself)
 REFERENCE_MODES = [m for m, (_, method) in MODES.items() if method == "reference"]  # need the target image
@@ -352,16 +361,16 @@ def distill_settings(overrides: dict) -> DistillSettings:
     return d
 
 
-def check_modes(modes, references: bool = False) -> None:
-    """Editing modes a study can run: every editor mode, the reference ones only where the target image is
-    known (``references``), and '/omit' (the caption without the edited attribute) only for modes
-    without a text side."""
+def check_modes(modes, references: bool = False, omit: bool = False) -> None:
+    """Editing modes a study can run: every editor mode; the reference ones only where the target image is
+    known (``references``); '/omit' (the caption without the edited attribute) only where the study can
+    write that caption (``omit``) and only for modes without a text side."""
     allowed = [m for m in MODES if references or m not in REFERENCE_MODES]
     for mode in modes:
-        base, omit = split_mode(mode)
-        if base not in allowed or mode.count("/") > (1 if omit and references else 0):
+        base, drop = split_mode(mode)
+        if base not in allowed or mode.count("/") > (1 if drop and omit else 0):
             raise ValueError(f"mode {mode!r} is not available here; choose from {allowed}"
-                             + (" (image-side-only modes may add '/omit')" if references else ""))
-        if omit and MODES[base][0]:
+                             + (" (image-side-only modes may add '/omit')" if omit else ""))
+        if drop and MODES[base][0]:
             raise ValueError(f"mode {mode!r}: '/omit' is for modes without a text side (the text side changes "
                              "the caption itself)")

@@ -50,7 +50,7 @@ class ToyEditConfig(StudyConfig):
         bad = [a for a in self.attributes if a not in EDITABLE]
         if bad:
             raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
-        check_modes(self.modes, references=True)
+        check_modes(self.modes, references=True, omit=True)
         if self.n < 2:
             raise ValueError(f"n must be >= 2 edits per attribute, got {self.n}")
         if 1.0 not in [float(a) for a in self.alphas]:

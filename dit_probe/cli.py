@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     t.add_argument("--ship-to", default=None, help="folder for the finished pipelines (default: inside the package)")
     e = sub.add_parser("evaluate-toy", help="measure a toy model's quality with the judge")
     e.add_argument("--model", action="append", help="toy-mmdit, toy-unet or a folder (repeatable; default both)")
-    e.add_argument("--n", type=int, default=240, help="generations with the full caption")
+    e.add_argument("--n", type=int, default=960, help="generations with the full caption")
     e.add_argument("--n-omit", type=int, default=120, help="generations per omitted attribute")
     e.add_argument("--card", action="store_true", help="write MODEL_CARD.md and quality.json into the shipped folder")
     e.add_argument("--runs", default="runs/toy", help="training run folder (for the loss log in the card)")

@@ -8,10 +8,24 @@ import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, recall_score
+from sklearn.model_selection import GroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from dit_probe import record
-from dit_probe.probing import ProbeDataError, ProbeDataset, ProbeGrid, ProbeSettings, ProbingInputError, build, probe
+from dit_probe.probing import (
+    ProbeDataError,
+    ProbeDataset,
+    ProbeGrid,
+    ProbeSettings,
+    ProbingInputError,
+    build,
+    direct_probe,
+    probe,
+    text_features,
+)
 from dit_probe.probing.probes import _metrics_from, _sufficient_stats, out_of_fold, summarise
 from dit_probe.studies import probing
 
@@ -103,6 +117,99 @@ def test_probe_refuses_data_it_cannot_cross_validate():
         probe(X, Xo, y2, g, ProbeSettings(folds=3))
     with pytest.raises(ProbeDataError, match="same images"):
         probe(X, Xo[:-1], y, g, ProbeSettings(folds=3))
+
+
+def test_transfer_scalers_separate_a_shifted_distribution_from_missing_information():
+    """The object maps carry the colour exactly as the colour maps do, but offset and shrunk: the probe's
+    own scaler ("source") and no scaler see only the offset; the object maps' own scaler finds the colour."""
+    X_own, X_other, y, g = _planted(own=4.0, other=4.0)
+    r = _by_metric(probe(X_own, 100 + 0.05 * X_other, y, g, ProbeSettings(bootstrap=50)))
+    assert r["accuracy"]["value"] >= 0.9 and r["accuracy_no_scaler"]["value"] >= 0.9
+    assert r["leakage_own_scaler"]["value"] >= 0.85
+    assert r["leakage"]["value"] < 0.35 and r["leakage_no_scaler"]["value"] < 0.35  # chance 0.25
+
+
+def test_own_scaler_uses_only_the_training_fold():
+    """Seed 0's object maps are shifted: a scaler fitted on the training fold keeps the shift (and the
+    probe fails on seed 0), one fitted on the test maps themselves would remove it."""
+    X_own, _, y, g = _planted(own=4.0)
+    X_other = X_own.copy()
+    X_other[g == 0] += 50.0
+    oof = out_of_fold(X_own, X_other, y, g, ProbeSettings(folds=8))  # one seed per test fold
+    assert accuracy_score(oof["y"][g == 0], oof["multi_other_own_scaler"][g == 0]) < 0.5
+    assert accuracy_score(oof["y"][g != 0], oof["multi_own"][g != 0]) >= 0.9
+
+
+def test_direct_probe_reads_the_other_maps_and_only_them():
+    X_own, X_other, y, g = _planted(own=0.0, other=4.0)
+    r = _by_metric(direct_probe(X_other, y, g, ProbeSettings(bootstrap=100)))
+    assert set(r) == {"direct", "ovr_direct_ratio", "ovr_direct_balanced"}
+    assert r["direct"]["value"] >= 0.85 and r["direct"]["ci_low"] > r["direct"]["shuffled_ci_high"]
+    assert r["direct"]["chance"] == 0.25
+    # chance checks on 384 images (the accuracy of an uninformed probe: 0.25 +- 0.02)
+    X_own, X_other, y, g = _planted(n_seeds=16, m=6, own=4.0, other=4.0)
+    # the labels shuffled once, before the probe: no information left, the direct probe sits at chance
+    shuffled = np.random.default_rng(3).permutation(y)
+    assert abs(_by_metric(direct_probe(X_other, shuffled, g, ProbeSettings(bootstrap=50)))["direct"]["value"] - 0.25) < 0.08
+    # the colour only in the colour maps: nothing for a probe trained and tested on the object maps
+    X_own, X_other, y, g = _planted(n_seeds=16, m=6, own=4.0, other=0.0)
+    assert abs(_by_metric(direct_probe(X_other, y, g, ProbeSettings(bootstrap=50)))["direct"]["value"] - 0.25) < 0.08
+
+
+def test_rows_repeated_over_seeds_leak_unless_whole_objects_are_held_out():
+    """Text-encoder rows are the same for every seed. Rows with no colour code shared by objects (a random
+    vector per prompt): grouped by seed, a copy of every test row is in training (memorised, near 1);
+    grouped by object, chance."""
+    rng = np.random.default_rng(0)
+    k, m, n_seeds, d = 4, 12, 5, 64
+    per_prompt = rng.normal(size=(k, m, d))
+    colors, objects, seeds = (a.ravel() for a in np.meshgrid(np.arange(k), np.arange(m), np.arange(n_seeds), indexing="ij"))
+    X = per_prompt[colors, objects] + 0.01 * rng.normal(size=(len(colors), d))
+    by_seed = _by_metric(direct_probe(X, colors, seeds, ProbeSettings(bootstrap=50)))["direct"]["value"]
+    by_object = _by_metric(direct_probe(X, colors, objects, ProbeSettings(bootstrap=50), group_name="object"))
+    assert by_seed >= 0.95 and by_object["direct"]["value"] < 0.4
+    # a colour code shared by all objects is found on objects the probe never saw
+    shared = per_prompt + 1.5 * np.repeat(np.eye(k), d // k, axis=1)[:, None, :]  # colour c: +1.5 on its 16 features
+    text = {"colors": np.repeat(np.arange(k), m), "objects": np.tile(np.arange(m), k),
+            "object": {"clip": shared.reshape(k * m, d)}, "color": {"clip": per_prompt.reshape(k * m, d)}}
+    r = {(row["metric"], row["features"]): row for row in probing.text_controls(text, ProbeSettings(bootstrap=50))
+         if row["class"] == "all"}
+    assert r["text_object", "text-encoder/clip"]["value"] >= 0.9 and r["text_object", "text-encoder/clip"]["cv_groups"] == "object"
+    assert r["text_color", "text-encoder/clip"]["value"] < 0.4  # the 'colour' rows here are the random ones
+    with pytest.raises(ProbeDataError, match="grouped by object: the data has 3 object"):
+        direct_probe(X[objects < 3], colors[objects < 3], objects[objects < 3], group_name="object")
+
+
+# ----- the text-encoder control -----
+def test_text_features_are_the_encoded_prompt_at_the_words(pipes):
+    pipe = pipes("tiny-unet")
+    text = text_features(pipe, ProbeGrid(colors=["red", "purple"], objects=["car", "bus"], seeds=[0]))
+    assert list(text["colors"]) == ["red", "purple", "red", "purple"] and list(text["objects"]) == ["car"] * 2 + ["bus"] * 2
+    assert set(text["object"]) == set(text["color"]) == {"clip"}
+    with torch.no_grad():
+        emb = pipe.encode_prompt(["a purple bus"], "cpu", 1, False)[0][0].numpy()
+    pieces = pipe.tokenizer.tokenize("a purple bus")  # 'a', the pieces of 'purple', 'bus'; position 0 is BOS
+    assert len(pieces) > 3
+    np.testing.assert_allclose(text["object"]["clip"][3], emb[len(pieces)], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(text["color"]["clip"][3], emb[2:len(pieces)].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_text_control_finds_the_colour_only_where_a_causal_encoder_can_put_it(pipes):
+    """CLIP is causal: the object word carries the colour word before it, never one after it (then every
+    colour gives the object word the same row and any probe is right once per object: exactly chance)."""
+    grid = dict(colors=["red", "blue", "green", "yellow"], objects=["car", "bus", "cat", "dog", "tree"], seeds=[0])
+    settings = ProbeSettings(bootstrap=50)
+
+    def control(name, template):
+        text = text_features(pipes(name), ProbeGrid(**grid, template=template))
+        return {(r["metric"], r["features"]): r["value"] for r in probing.text_controls(text, settings)
+                if r["class"] == "all"}
+
+    after = control("tiny-unet", "a {color} {object}")
+    assert after["text_object", "text-encoder/clip"] >= 0.8 and after["text_color", "text-encoder/clip"] == 1.0
+    before = control("tiny-sd3", "a {object} {color}")
+    assert before["text_object", "text-encoder/clip"] == pytest.approx(0.25)
+    assert before["text_color", "text-encoder/clip"] == 1.0 and ("text_object", "text-encoder/t5") in before
 
 
 # ----- the dataset -----
@@ -227,20 +334,46 @@ def test_experiment_configs_are_valid():
 # ----- the study, end to end -----
 def test_study_runs_on_every_family(tmp_path):
     cfg = probing.ProbingConfig(models=["tiny-sd3", "tiny-sd3.5", "tiny-flux", "tiny-unet"], colors=["red", "blue"],
-                                objects=["car"], seeds=2, folds=2, num_inference_steps=2, step_stride=1,
+                                objects=["car", "bus"], seeds=2, folds=2, num_inference_steps=2, step_stride=1,
                                 bootstrap=50, n_jobs=1, grid=None)
     table = probing.run(cfg, out=tmp_path, log=lambda m: None)
     assert set(table.model) == set(cfg.models)
+    streams = {"tiny-sd3": {"clip", "t5"}, "tiny-sd3.5": {"clip", "t5"}, "tiny-flux": {"t5"}, "tiny-unet": {"clip"}}
     for model, t in table.groupby("model"):
         data = ProbeDataset.load(tmp_path / t.dataset.iloc[0])
-        units = {(r.layer, r.step) for r in t.itertuples()}
+        maps = t[t.features == "maps"]
+        units = {(r.layer, r.step) for r in maps.itertuples()}
         want = {(lay, str(s)) for lay in data.layers + ["mean"] for s in data.steps + ["mean"]}
         assert units == want, model
-        assert t.value.between(0, 1).all() and (t.ci_low <= t.value + 1e-12).all() and (t.value <= t.ci_high + 1e-12).all()
+        text = t[t.features != "maps"]
+        assert set(text.features) == {f"text-encoder/{s}" for s in streams[model]}, model
+        assert set(text.metric[text["class"] == "all"]) >= {"text_object", "text_color"}
+        p = probing.pooled(t, model)
+        for metric, scaler in (("accuracy", None), ("leakage", "source"), ("leakage_own_scaler", "own")):
+            assert p[metric].value == pytest.approx(_sklearn_transfer(data, cfg, scaler)), (model, metric)
     flux_layers = set(table[table.model == "tiny-flux"].layer)
     assert any("single" in lay for lay in flux_layers) and any("double" in lay or "joint" in lay for lay in flux_layers)
     folder = tmp_path / table[table.model == "tiny-sd3.5"].dataset.iloc[0]
     assert json.loads((folder / "dataset.json").read_text())["family"] == "sd3"
+
+
+def _sklearn_transfer(data, cfg, scaler=None, train="color", test="object"):
+    """Accuracy of the multiclass colour probe on the maps pooled over layers and steps, with scikit-learn
+    alone: trained on ``train`` maps with GroupKFold by seed; measured on held-out ``train`` maps
+    (scaler None), or on ``test`` maps standardised with the training maps' scaler ('source') or with
+    their own training-fold scaler ('own')."""
+    X, Xt = data.features(train, None, None, cfg.normalise), data.features(test, None, None, cfg.normalise)
+    y = np.unique(data.colors, return_inverse=True)[1]
+    pred = np.zeros(len(y), int)
+    for tr, te in GroupKFold(n_splits=cfg.folds).split(X, y, data.seeds):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=cfg.C, max_iter=2000)).fit(X[tr], y[tr])
+        if scaler is None:
+            pred[te] = clf.predict(X[te])
+        elif scaler == "source":
+            pred[te] = clf.predict(Xt[te])
+        else:
+            pred[te] = clf[-1].predict(StandardScaler().fit(Xt[tr]).transform(Xt[te]))
+    return accuracy_score(y, pred)
 
 
 @pytest.fixture(scope="module")
@@ -255,14 +388,18 @@ def toy_run(tmp_path_factory):
 
 
 def test_toy_colour_probe_beats_chance_clearly(toy_run):
-    _, _, table, _ = toy_run
+    cfg, out, table, _ = toy_run
     for model in ("toy-mmdit", "toy-unet"):
         p = probing.pooled(table, model)
         acc = p["accuracy"]
         # 4 colours: chance 0.25. Measured on this configuration: 0.60 for both models.
         assert acc.value >= 0.45 and acc.ci_low > acc.chance and acc.ci_low > acc.shuffled, model
         assert abs(acc.shuffled - 0.25) < 0.15
-        assert 0 <= p["leakage"].value <= 1 and p["leakage"].ci_low <= p["leakage"].value <= p["leakage"].ci_high
+        data = ProbeDataset.load(out / table[table.model == model].dataset.iloc[0])
+        assert p["leakage"].value == pytest.approx(_sklearn_transfer(data, cfg, "source")), model
+        assert p["leakage_own_scaler"].value == pytest.approx(_sklearn_transfer(data, cfg, "own")), model
+        # direct: trained and tested on the object-word maps
+        assert p["direct"].value == pytest.approx(_sklearn_transfer(data, cfg, train="object")), model
 
 
 def test_toy_run_writes_table_and_figures_and_resumes(toy_run):
@@ -271,6 +408,18 @@ def test_toy_run_writes_table_and_figures_and_resumes(toy_run):
     assert len(saved) == len(table) and set(saved.direction) == {"color", "object"}
     for name in ("probing-fig7.png", "probing-layers-steps.png", "probing-example-maps.png"):
         assert (out / "figures" / name).stat().st_size > 10_000
+    assert "probing-controls.md" in probing.STUDY.figure_files
+    controls = (out / "figures" / "probing-controls.md").read_text()
+    for model in ("toy-mmdit", "toy-unet"):  # each model's pooled numbers, as in the table
+        section = controls.split(f"## {model}")[1].split("## ")[0]
+        p = probing.pooled(saved, model)
+        text = probing.text_rows(saved, model)["text_object", "clip"]
+        for label, r in (("| **direct**", p["direct"]), ("| transfer, scaler `own`", p["leakage_own_scaler"]),
+                         ("| text encoder: object word, clip", text)):
+            line = next(ln for ln in section.splitlines() if ln.startswith(label))
+            cells = [c.strip() for c in line.split("|")]
+            assert cells[3] == f"{r.value:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" and cells[-2] == "0.250", (model, label)
+        assert "40 images (4 colours x 2 objects x 5 seeds)" in section
     assert (saved[saved.model == "toy-mmdit"].judged_color_match >= 0.9).all()  # the generations show the prompted colour
     logs = []
     again = probing.run(cfg, out=out, log=logs.append)  # everything is on disk: nothing is recomputed

@@ -65,7 +65,7 @@ def test_unrelated_changes_recompute_nothing(tmp_path):
 def test_second_study_keys_units_by_settings_too(tmp_path):
     cfg = sde.SDEConfig(models=["toy-unet"], attributes=["color"], n=2, seeds=1, bootstrap=50)
     sde.run(cfg, out=tmp_path, quiet=True)
-    sde.run(cfg.model_copy(update={"strength": 0.5}), out=tmp_path, quiet=True)
+    sde.run(cfg.model_copy(update={"strengths": [0.5]}), out=tmp_path, quiet=True)
     assert _computed(tmp_path) == 1
     rows = pd.read_csv(tmp_path / "sde.csv")
     assert (rows.strength == 0.5).all() and len(_units(tmp_path)) == 2

@@ -6,11 +6,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from dit_probe.cli import main
 from dit_probe.studies import alpha_threshold as at
 from dit_probe.studies import sde as sde_study
 from dit_probe.studies import semantic_loss as sl
+from dit_probe.studies import toy_editing as te
 from dit_probe.studies.sources import CelebAError, CelebASource, ToySource, read_celeba_attributes
 from dit_probe.toyworld import ATTRIBUTES, Scene, render
 
@@ -55,7 +57,7 @@ def test_retention_counts_what_the_judge_reads():
     cfg = sl.SemanticLossConfig(n=24, seeds=2)
     items = source.sample(cfg.n, seed=5)
     rows, examples = sl.run_unit(FixedEditor(), source, items, cfg)
-    rows.insert(0, "model", "fixed")
+    rows = rows.assign(model="fixed", level="strength=0.5", paper_start=False)
     summary = sl.summarise(rows, source.values)
     get = summary.set_index(["prompt", "attribute"]).retention
     for a in ATTRIBUTES:
@@ -68,8 +70,8 @@ def test_retention_counts_what_the_judge_reads():
 
 
 def test_retention_ci_is_over_images_with_their_seeds_averaged():
-    rows = pd.DataFrame({"model": "m", "prompt": "omit", "attribute": "color", "strength": 0.5, "timestep": 1.0,
-                         "log_snr": 0.0, "image": np.repeat(np.arange(10), 2),
+    rows = pd.DataFrame({"model": "m", "prompt": "omit", "attribute": "color", "level": "strength=0.5",
+                         "strength": 0.5, "timestep": 1.0, "log_snr": 0.0, "paper_start": False, "image": np.repeat(np.arange(10), 2),
                          "retained": [True, False] * 5 + [True, True] * 5})
     s = sl.summarise(rows, {"color": ATTRIBUTES["color"]}, n_boot=500).iloc[0]
     assert s.retention == pytest.approx(0.75) and s.images == 10 and s.samples == 20
@@ -138,7 +140,11 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, capsys):
         with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
             sl.SemanticLossConfig(strengths=[0.15, bad]).check()
         with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
-            sde_study.SDEConfig(strength=bad).check()
+            sde_study.SDEConfig(strengths=[bad]).check()
+    with pytest.raises(ValueError, match="at least one noise level"):
+        sde_study.SDEConfig(strengths=[], log_snrs=[]).check()
+    with pytest.raises(ValueError, match="must be finite"):
+        te.ToyEditConfig(log_snrs=[float("nan")]).check()
     with pytest.raises(KeyError, match="toy judge knows the attributes .* not 'smile'"):
         sl.run(sl.SemanticLossConfig(attributes=["color", "smile"]), out=tmp_path / "sl0")
     assert not (tmp_path / "sl0").exists()
@@ -179,8 +185,8 @@ def test_semantic_loss_toy_run_loses_unnamed_attributes_and_resumes(tmp_path):
     assert "| toy-mmdit | color |" in (tmp_path / "fig" / "semantic-loss-table.md").read_text()
     assert {"config.json", "run.json", "retention.csv", "summary.csv"} <= {p.name for p in out.iterdir()}
     # resume: a missing unit is recomputed identically, the other is read back untouched
-    [unit] = (out / "units" / "toy-mmdit").glob("0.95-*.csv")
-    [kept] = (out / "units" / "toy-mmdit").glob("0.15-*.csv")
+    [unit] = (out / "units" / "toy-mmdit").glob("strength=0.95-*.csv")
+    [kept] = (out / "units" / "toy-mmdit").glob("strength=0.15-*.csv")
     before, stamp = pd.read_csv(unit), kept.stat().st_mtime_ns
     unit.unlink()
     again = sl.run(cfg, out=out, figures=tmp_path / "fig", log=lambda *a: None)
@@ -200,29 +206,69 @@ def test_alpha_threshold_toy_run(tmp_path):
     assert summary.loc[1.0, "success"] >= 0.8
     r = th.iloc[0]
     assert 0 < r.success_alpha <= 1.0
-    # the reported threshold is where the measured collateral curve crosses the tolerance
-    assert r.collateral_alpha == pytest.approx(at.crossing(summary.index, summary.collateral, cfg.tolerance, +1),
-                                               nan_ok=True)
-    # projections: alpha moves the latent along the direction, so z grows with alpha for every edit
-    z = rows.pivot(index="edit", columns="alpha", values="projection_z")
-    assert (np.diff(z.values, axis=1) > 0).all()
     assert (rows.projection_side == "image").all() and rows.alpha_match.notna().all()
+    assert r.log_snr == pytest.approx(-4.40, abs=0.01) and r.paper_start  # the default level: strength 0.75
     for name in ("alpha-threshold-curves.png", "alpha-threshold-examples.png"):
         assert (tmp_path / "fig" / name).stat().st_size > 5000
-    assert "| toy-mmdit | eim | color |" in (tmp_path / "fig" / "alpha-threshold-table.md").read_text()
+    assert "| color | eim | -4.40 * | toy-mmdit |" in (tmp_path / "fig" / "alpha-threshold-table.md").read_text()
 
 
-def test_sde_toy_run(tmp_path):
-    cfg = sde_study.SDEConfig(models=["toy-mmdit"], attributes=["color"], n=8, seeds=1)
+def test_projection_is_standardised_against_the_other_latents():
+    """Three latents on a line: edit 0's direction is (1, 0); the others project to 1 and 3 (mean 2, sd
+    sqrt 2), edit 0's own latent to 0, so at alpha a it sits at z = (0 + a - 2) / sqrt(2)."""
+    from types import SimpleNamespace
+
+    zt = torch.tensor([[0.0, 0.0], [1.0, 5.0], [3.0, -2.0]])
+    n = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
+    direction = SimpleNamespace(image=n, image_at=lambda a: n)
+    p = at.projections(SimpleNamespace(zt=zt), direction, [0.0, 1.0, 2.0], SimpleNamespace(zt=zt + n * 0.5))
+    np.testing.assert_allclose(p["z"][0], [(0 - 2) / np.sqrt(2), (1 - 2) / np.sqrt(2), 0.0])
+    np.testing.assert_allclose(p["alpha_match"], [0.5, 0.5, 0.5])  # the target sits half a direction away
+    assert p["side"] == "image"
+
+
+def test_sde_toy_run_checks_its_precondition_per_noise_level(tmp_path):
+    cfg = sde_study.SDEConfig(models=["toy-mmdit"], attributes=["color"], n=12, seeds=1, strengths=[0.15, 0.95])
     summary = sde_study.run(cfg, out=tmp_path / "sde", figures=tmp_path / "fig", log=lambda *a: None)
     rows = pd.read_csv(tmp_path / "sde" / "sde.csv")
-    r = summary.iloc[0]
-    assert r.flip_success >= 0.8 and r.kept_success >= 0.8  # the flip took and c kept the colour
-    assert r.ratio < 0.8  # so c~ moved the image further from x than c did
-    np.testing.assert_allclose(rows.sde, rows.kept / rows.flipped + rows.flipped)
+    low, high = (summary.set_index("level").loc[f"strength={s}"] for s in (0.15, 0.95))
+    # a little noise: the caption without the colour keeps it, so Eq. 2's precondition fails there
+    assert low.omit_kept >= 0.9 and not low.precondition
+    # nearly pure noise: the colour is lost without its word, and the flip takes
+    assert high.omit_kept_hi <= high.lost_below and high.precondition
+    assert high.flip_success >= 0.8 and high.kept_success >= 0.8 and high.ratio < 0.8
+    assert high.log_snr < low.log_snr
     assert set(rows.value) <= {"red", "blue"} and (rows.value != rows.flipped_value).all()
-    assert "Norm: rms" in (tmp_path / "fig" / "sde-table3.md").read_text()
+    assert (rows.floor <= rows.sde + 1e-12).all()  # no flip scores under the floor
+    md = (tmp_path / "fig" / "sde-table3.md").read_text()
+    assert "Norm: rms" in md and "| FAILS |" in md and "| holds |" in md
     assert (tmp_path / "fig" / "sde-table3.png").stat().st_size > 5000
+
+
+def _sde_rows(model, level, ratio, omit_kept, n=20):
+    rng = np.random.default_rng(len(model))
+    return pd.DataFrame({"model": model, "attribute": "color", "level": level, "target_log_snr": -3.0,
+                         "strength": 0.7, "log_snr": -3.0, "paper_start": False, "image": np.arange(n), "chance": 0.125,
+                         "ratio": ratio + rng.normal(0, 0.02, n), "kept": 0.1, "flipped": 0.3, "sde": 0.6,
+                         "floor": 0.63, "floor_share": 0.9, "flip_success": True, "kept_success": True,
+                         "omit_kept": np.arange(n) < omit_kept * n})
+
+
+def test_sde_verdicts_need_the_precondition_and_a_ci_that_excludes_zero():
+    lost = pd.concat([_sde_rows("a", "log_snr=-3", 0.3, 0.1), _sde_rows("b", "log_snr=-3", 0.5, 0.1)])
+    s = sde_study.summarise(lost, n_boot=300)
+    assert s.precondition.all() and s.lost_below.iloc[0] == pytest.approx(0.125 + 0.5 * 0.875)
+    v = sde_study.verdicts(lost, s, n_boot=300, models=["a", "b"]).iloc[0]
+    assert v.verdict == "a lower ratio" and v.ratio_diff == pytest.approx(0.2, abs=0.02) and v.ratio_diff_lo > 0
+    kept = pd.concat([_sde_rows("a", "log_snr=-3", 0.3, 0.9), _sde_rows("b", "log_snr=-3", 0.5, 0.1)])
+    s = sde_study.summarise(kept, n_boot=300)
+    assert list(s.precondition) == [False, True]
+    assert sde_study.verdicts(kept, s, n_boot=300).iloc[0].verdict == "no verdict: precondition fails"
+    same = pd.concat([_sde_rows("a", "log_snr=-3", 0.4, 0.1), _sde_rows("b", "log_snr=-3", 0.4, 0.1)])
+    s = sde_study.summarise(same, n_boot=300)
+    assert sde_study.verdicts(same, s, n_boot=300).iloc[0].verdict == "no difference (CI spans 0)"
+    nominal = pd.concat([_sde_rows("a", "strength=0.75", 0.3, 0.1), _sde_rows("b", "strength=0.75", 0.5, 0.1)])
+    assert sde_study.verdicts(nominal, sde_study.summarise(nominal, n_boot=50)).empty  # no verdict off matched noise
 
 
 # ----- the real-image path: CelebA folder + CLIP judge, on tiny random pipelines -----
@@ -246,11 +292,11 @@ def test_studies_run_on_a_celeba_folder_with_the_clip_judge(tmp_path, model):
     arows = pd.read_csv(tmp_path / "at" / "alphas.csv")
     assert len(arows) == 9 and (arows[arows.alpha == 0].collateral == 0).all() and not arows.masked.any()
     assert len(th) == 1 and arows.alpha_match.isna().all()  # no target images for real edits
-    d = sde_study.run(sde_study.SDEConfig(attributes=["gender"], n=3, seeds=1, strength=0.6, **common),
+    d = sde_study.run(sde_study.SDEConfig(attributes=["gender"], n=3, seeds=1, strengths=[0.6], **common),
                       out=tmp_path / "sde", figures=tmp_path / "fig", log=lambda *a: None)
     drows = pd.read_csv(tmp_path / "sde" / "sde.csv")
-    np.testing.assert_allclose(drows.sde, drows.kept / drows.flipped + drows.flipped)
     assert set(drows.value) <= {"male", "female"} and np.isfinite(d.sde).all()
+    assert (d.chance == 0.5).all() and d.precondition.dtype == bool  # two phrases: chance is a half
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml")), ids=lambda p: p.name)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dit_probe.toyworld import ATTRIBUTES, BACKGROUNDS, COLORS, SHAPES, Judge, Scene, caption, render, scenes
-from dit_probe.toyworld.judge import accuracy_on_renders
+from dit_probe.toyworld.judge import SIZE_THRESHOLD, accuracy_on_renders, size_threshold_from_renders
 from dit_probe.toyworld.world import GENERIC_SHAPE, coverage, drop_pattern
 
 
@@ -70,6 +70,12 @@ def judge():
 def test_judge_reads_held_out_renders(judge):
     acc = accuracy_on_renders(judge, n=400, seed=424242)
     assert all(v >= 0.98 for v in acc.values()), acc
+
+
+def test_size_cut_off_is_the_stated_rule_on_renders():
+    # the cut-off is not fitted to generations: it is the midpoint of the rendered extents, on fresh renders too
+    assert SIZE_THRESHOLD == size_threshold_from_renders()
+    assert size_threshold_from_renders(n=2000, seed=31337) == SIZE_THRESHOLD
 
 
 def test_judge_is_robust_to_blur_and_noise(judge):

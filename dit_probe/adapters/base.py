@@ -15,6 +15,7 @@ An adapter wraps a diffusers pipeline and answers, for its family:
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -290,6 +291,27 @@ class Adapter:
         check_strength(strength)
         self.pipe.scheduler.set_timesteps(num_steps)
         return self.pipe.scheduler.timesteps[self.first_step(num_steps, strength):]
+
+    def noise_levels(self, num_steps: int, latents=None) -> list[tuple[float, float]]:
+        """Every start an img2img edit with ``num_steps`` steps can have: (strength, log-SNR of its first
+        timestep), from low to high noise, pure noise (log-SNR -inf) left out. The strengths are the ones
+        ``set_timesteps`` itself maps to each start (k/n, nudged where float rounding skips a step)."""
+        starts = {}
+        for k in range(1, num_steps + 1):
+            for s in (k / num_steps, k / num_steps + 1e-9, k / num_steps - 1e-9):
+                if 0 < s <= 1:
+                    ts = self.set_timesteps(num_steps, s, latents=latents)
+                    if len(ts) and len(ts) not in starts:
+                        starts[len(ts)] = (s, float(self.log_snr(ts[0])))
+        return [starts[k] for k in sorted(starts) if math.isfinite(starts[k][1])]
+
+    def strength_for_log_snr(self, target: float, num_steps: int, latents=None) -> tuple[float, float]:
+        """The strength whose first timestep's log-SNR is nearest ``target`` on this model's own schedule,
+        and that log-SNR (schedules are discrete: the match is as close as the steps allow)."""
+        levels = self.noise_levels(num_steps, latents)
+        if not levels:
+            raise ValueError(f"{num_steps} steps leave no start below pure noise")
+        return min(levels, key=lambda lv: abs(lv[1] - float(target)))
 
     @staticmethod
     def first_step(num_steps: int, strength: float) -> int:

@@ -12,6 +12,9 @@ On disk (``folder``):
   0 = colour word and 1 = object word, ``images`` (colour, y, x, rgb) uint8 (at most 64 px a side),
   and the prompts and annotations as metadata.
 Every file is written atomically; a finished shard is never generated again.
+
+``text_features`` gives, for the text-encoder control, the encoded prompt's rows at the colour and
+object words (what the denoiser receives for them before any attention), one row per prompt.
 """
 
 from __future__ import annotations
@@ -230,6 +233,35 @@ def build(pipe, model: str, grid: ProbeGrid, folder, annotate=None, log=print, o
     if not meta_path.exists():
         write_json(meta_path, meta)
     return ProbeDataset.load(folder, objects=grid.objects, seeds=grid.seeds)
+
+
+def text_features(pipe, grid: ProbeGrid) -> dict:
+    """The text encoder's output at the colour and object words of every prompt "a {color} {object}".
+
+    One row per (colour, object) prompt: a deterministic text encoder gives every seed the same rows.
+    The rows are the adapter's ``encode_prompt`` output (the conditional embeddings the denoiser receives,
+    with the generation's text length) at the word's positions in each text stream, averaged over the
+    pieces of a word the tokenizer splits. Returns {"colors": (n,), "objects": (n,), "color": {stream:
+    (n, d)}, "object": {stream: (n, d)}}; a stream that lacks a word in some prompt (truncated) is left out.
+    """
+    check_grid(grid)
+    adapter = get_adapter(pipe)
+    settings = {**sampling_settings(pipe), **grid.sampling}
+    kwargs = {k: settings[k] for k in ("max_sequence_length",) if k in settings}  # the generation's text length
+    colors, objects, rows = [], [], {"color": {}, "object": {}}
+    for obj in grid.objects:  # one batch per object, as the generation
+        prompts = [grid.prompt(c, obj) for c in grid.colors]
+        with torch.no_grad():
+            embeds = adapter.encode_prompt(prompts, do_cfg=False, **kwargs).embeds.float().cpu().numpy()
+        for i, color in enumerate(grid.colors):
+            for role, word in (("color", color), ("object", obj)):
+                for stream, pos in adapter.word_positions(prompts[i], word, embeds.shape[1]).items():
+                    rows[role].setdefault(stream, []).append(embeds[i, pos].mean(axis=0))
+        colors += list(grid.colors)
+        objects += [obj] * len(grid.colors)
+    n = len(colors)
+    feats = {role: {s: np.stack(r) for s, r in by_stream.items() if len(r) == n} for role, by_stream in rows.items()}
+    return {"colors": np.asarray(colors), "objects": np.asarray(objects), **feats}
 
 
 class ProbeDataset:

@@ -11,7 +11,9 @@ import pandas as pd
 LABELS = {
     "ovr_ratio": "colour-token maps (held-out seeds)",
     "ovr_leakage_ratio": "object-token maps (leakage)",
+    "ovr_direct_ratio": "object-token maps, direct probe",
 }
+BARS = (("ovr_ratio", "tab:blue"), ("ovr_leakage_ratio", "tab:red"), ("ovr_direct_ratio", "tab:orange"))
 
 
 def _select(table, model, metric, direction="color", layer="mean", step="mean", cls="all"):
@@ -31,20 +33,22 @@ def _err(t):
 
 def plot_fig7(table: pd.DataFrame):
     """Fig. 7 of the paper: per colour c, the share of maps that the one-vs-rest probe for c classifies as c,
-    on held-out colour-token maps and on object-token maps of the same images (maps pooled over layers
-    and steps; bars: 95% bootstrap CI over seeds; grey ticks: the shuffled-label control)."""
+    on held-out colour-token maps and on object-token maps of the same images, and (a control) the share
+    for a probe trained and tested on object-token maps (maps pooled over layers and steps; bars: 95%
+    bootstrap CI over seeds; grey ticks: the shuffled-label control)."""
     models = list(dict.fromkeys(table.model))
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.4), squeeze=False, sharey=True)
     for ax, model in zip(axes[0], models):
         own = _select(table, model, "ovr_ratio", cls=None)
         classes = [c for c in dict.fromkeys(own["class"].astype(str)) if c != "all"]
         x = np.arange(len(classes))
-        for i, (metric, color) in enumerate((("ovr_ratio", "tab:blue"), ("ovr_leakage_ratio", "tab:red"))):
+        width = 0.8 / len(BARS)
+        for i, (metric, color) in enumerate(BARS):
             t = pd.concat([_select(table, model, metric, cls=c) for c in classes])
-            ax.bar(x + (i - 0.5) * 0.38, t.value, 0.38, yerr=_err(t), color=color, alpha=0.8, capsize=2,
-                   label=LABELS[metric])
-            ax.scatter(x + (i - 0.5) * 0.38, t.shuffled, marker="_", s=120, color="0.3", zorder=3,
-                       label="shuffled-label control" if i else None)
+            dx = (i - (len(BARS) - 1) / 2) * width
+            ax.bar(x + dx, t.value, width, yerr=_err(t), color=color, alpha=0.8, capsize=2, label=LABELS[metric])
+            ax.scatter(x + dx, t.shuffled, marker="_", s=120 * width / 0.38, color="0.3", zorder=3,
+                       label="shuffled-label control" if i == 0 else None)
         ax.axhline(0.5, color="0.5", ls="--", lw=0.8)
         bal = _select(table, model, "ovr_leakage_balanced").iloc[0]
         ax.set_title(f"{model}\nleakage balanced acc. {bal.value:.2f} [{bal.ci_low:.2f}, {bal.ci_high:.2f}], "
@@ -141,6 +145,6 @@ def plot_example_maps(datasets: dict, obj: str, seed: int, normalise: str = "sum
 
 
 def figures(table, datasets, example_object, example_seed) -> dict:
-    """The study's three figures by file name."""
+    """The study's three figures by file name (the controls table is made by the study)."""
     return {"probing-fig7.png": plot_fig7(table), "probing-layers-steps.png": plot_layers_steps(table),
             "probing-example-maps.png": plot_example_maps(datasets, example_object, example_seed)}

@@ -26,7 +26,8 @@ from ..editing import DistillSettings, EIMEditor
 from ..registry import load_pipeline
 from ..stats import mean_ci
 from ..toyworld import Judge
-from .runner import PAPER_STRENGTH, Report, Study, StudyConfig, Unit
+from .levels import LEVEL_AXES, LEVEL_COLUMNS, LevelSettings, apply_level
+from .runner import Report, Study, Unit
 from .sources import EDITABLE, EditSourceSettings, edit_batch, edit_set, judge_edits, source_for
 
 
@@ -41,6 +42,7 @@ class HSDSAblationConfig(EditSourceSettings):
     seed: int = 2
 
     def check(self):
+        super().check()
         self.check_editable(self.attributes)
         if self.mode not in ("hsds-only", "eim"):
             raise ValueError(f"mode must be 'hsds-only' or 'eim' (the modes that use HSDS), got {self.mode!r}")
@@ -56,6 +58,7 @@ class SDSGuidanceConfig(EditSourceSettings):
     seed: int = 3
 
     def check(self):
+        super().check()
         self.check_editable(self.attributes)
         bad = [g for g in self.guides if g not in ("target", "source")]
         if bad:
@@ -83,7 +86,7 @@ def _summarise(rows, keys, n_boot):
     rng = np.random.default_rng(0)
     out = []
     for key, g in rows.groupby(keys + ["attribute", "alpha"], sort=False):
-        row = dict(zip(keys + ["attribute", "alpha"], key), n=len(g))
+        row = {**dict(zip(keys + ["attribute", "alpha"], key)), **g.iloc[0][LEVEL_COLUMNS[1:]].to_dict(), "n": len(g)}
         for m in ("target_score", "success", "preserved", "background_psnr"):
             row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
         row["direction_norm"] = float(g.direction_norm.mean())
@@ -94,13 +97,16 @@ def _summarise(rows, keys, n_boot):
 def _table(summary, keys, alpha):
     s = summary[summary.alpha == alpha]
     z = summary[summary.alpha == 0.0].set_index(["model"] + keys[1:] + ["attribute"])
-    lines = ["| " + " | ".join(keys) + f" | attribute | P(target) α=0 → {alpha:g} | success | others kept | "
-             "background PSNR (dB) | ‖n_zt‖ |", "|" + "---|" * (len(keys) + 6)]
+    lines = ["| " + " | ".join(keys) + f" | log-SNR | attribute | P(target) α=0 → {alpha:g} | success | others kept | "
+             "background PSNR (dB) | ‖n_zt‖ |", "|" + "---|" * (len(keys) + 7)]
     for r in s.itertuples():
         base = z.loc[tuple(getattr(r, k) for k in ["model"] + keys[1:]) + (r.attribute,)]
-        lines.append("| " + " | ".join(f"{getattr(r, k)}" for k in keys) + f" | {r.attribute} | "
+        lines.append("| " + " | ".join(f"{getattr(r, k)}" for k in keys) + f" | {r.log_snr:.2f}"
+                     f"{' *' if r.paper_start else ''} | {r.attribute} | "
                      f"{base.target_score:.2f} → {r.target_score:.2f} | {r.success:.0%} | {r.preserved:.0%} | "
                      f"{r.background_psnr:.1f} | {r.direction_norm:.1f} |")
+    lines += ["", "log-SNR: where the edits start on that model's schedule (* = the paper's strength 0.75 starts there); "
+              "the figure shows the paper's strength."]
     return "\n".join(lines) + "\n"
 
 
@@ -142,26 +148,29 @@ def _plot_sds(summary, alpha):
     return fig
 
 
-def _with_keys(frame: pd.DataFrame, unit: Unit) -> pd.DataFrame:
-    for i, (k, v) in enumerate(unit.keys):
+def _with_keys(frame: pd.DataFrame, unit: Unit, level: dict) -> pd.DataFrame:
+    """The unit's keys, then its level columns (``apply_level``), in front of its rows."""
+    for i, (k, v) in enumerate([(k, v) for k, v in unit.keys if k != "level"] + list(level.items())):
         frame.insert(i, k, v)
     return frame
 
 
 def _hsds_unit(ctx, unit: Unit, cfg: HSDSAblationConfig):
     editor, source = ctx
+    level = apply_level(editor, unit["level"])
     editor.distill = DistillSettings(iterations=cfg.iterations, lam=unit["lam"], eta_start=unit["eta_start"],
                                      eta_end=unit["eta_start"] / 10)
     frame = pd.concat([_edit_rows(editor, source, a, cfg.n, cfg.seed, cfg.alphas, cfg.mode) for a in cfg.attributes],
                       ignore_index=True)
-    return _with_keys(frame, unit), None
+    return _with_keys(frame, unit, level), None
 
 
 def _sds_unit(ctx, unit: Unit, cfg: SDSGuidanceConfig):
     editor, source = ctx
+    level = apply_level(editor, unit["level"])
     frame = pd.concat([_edit_rows(editor, source, a, cfg.n, cfg.seed, cfg.alphas, "sds", unit["guide"], image_only=True)
                        for a in cfg.attributes], ignore_index=True)
-    return _with_keys(frame, unit), None
+    return _with_keys(frame, unit, level), None
 
 
 def _reporter(name, keys, plot):
@@ -169,8 +178,10 @@ def _reporter(name, keys, plot):
         rows = pd.concat([r.frame for r in results], ignore_index=True)
         summary = _summarise(rows, keys, cfg.bootstrap)
         table = _table(summary, keys, max(cfg.alphas))
+        paper = summary[summary.paper_start.astype(bool)]
+        figure = plot(paper if len(paper) else summary[summary.level == summary.level.iloc[0]], max(cfg.alphas))
         return Report(summary, files={"rows.csv": rows, "summary.csv": summary, "table.md": table},
-                      figures={f"{name}.png": plot(summary, max(cfg.alphas)), f"{name}-table.md": table}, text=table)
+                      figures={f"{name}.png": figure, f"{name}-table.md": table}, text=table)
     return report
 
 
@@ -181,23 +192,25 @@ def _line(frame: pd.DataFrame) -> str:
 
 HSDS_STUDY = Study(
     name="hsds-ablation", help="HSDS lambda x step-size grid on edits (Fig. 11)", config=HSDSAblationConfig,
-    units=lambda cfg: [Unit(m, (("lam", float(lam)), ("eta_start", float(eta)))) for m in cfg.models
-                       for lam in cfg.lams for eta in cfg.eta_starts],
+    units=lambda cfg: [Unit(m, (("lam", float(lam)), ("eta_start", float(eta)), ("level", lv))) for m in cfg.models
+                       for lam in cfg.lams for eta in cfg.eta_starts for lv in cfg.levels()],
     prepare=lambda cfg, out: source_for(cfg, every_attribute=True),
     setup=lambda cfg, model, source: (cfg.editor(model), source), compute=_hsds_unit,
-    report=_reporter("hsds-ablation", ["model", "lam", "eta_start"], _plot_hsds),
-    axes=("models", "lams", "eta_starts"), paper="Fig. 11: HSDS lambda and step size",
+    report=_reporter("hsds-ablation", ["model", "level", "lam", "eta_start"], _plot_hsds),
+    axes=("models", "lams", "eta_starts", *LEVEL_AXES), paper="Fig. 11: HSDS lambda and step size",
     toy_config="hsds-ablation-toy.yaml", paper_config="hsds-ablation-paper.yaml",
-    revision=2,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15)
+    revision=3,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15); 3: noise levels
     figure_files=("hsds-ablation.png", "hsds-ablation-table.md"), summary_line=_line,
 )
 SDS_STUDY = Study(
     name="sds-guidance", help="SDS image direction guided by the target phrase vs the source prompt (Fig. 12)",
     config=SDSGuidanceConfig,
-    units=lambda cfg: [Unit(m, (("guide", g),)) for m in cfg.models for g in cfg.guides],
+    units=lambda cfg: [Unit(m, (("guide", g), ("level", lv))) for m in cfg.models for g in cfg.guides
+                       for lv in cfg.levels()],
     prepare=lambda cfg, out: source_for(cfg, every_attribute=True),
     setup=lambda cfg, model, source: (cfg.editor(model), source), compute=_sds_unit,
-    report=_reporter("sds-guidance", ["model", "guide"], _plot_sds), axes=("models", "guides"),
+    report=_reporter("sds-guidance", ["model", "level", "guide"], _plot_sds), axes=("models", "guides", *LEVEL_AXES),
+    revision=2,  # 2: noise levels
     paper="Fig. 12: SDS guided by the target vs the source prompt", toy_config="sds-guidance-toy.yaml",
     paper_config="sds-guidance-paper.yaml", figure_files=("sds-guidance.png", "sds-guidance-table.md"),
     summary_line=_line,
@@ -207,7 +220,7 @@ run_sds, sds_config_from = SDS_STUDY.run, SDS_STUDY.config_from
 
 
 # ----- which HSDS convention (issue 15): ascent/descent x CFG/conditional, compared at matched step -----
-class HSDSConventionConfig(StudyConfig):
+class HSDSConventionConfig(LevelSettings):
     """The image side alone (hsds-only) under each convention, over a grid of step sizes, so that the
     conventions are compared at matched effective step (the same ||n_zt||), not at one nominal eta: CFG
     inside eps multiplies the alignment term by about the guidance scale."""
@@ -222,10 +235,10 @@ class HSDSConventionConfig(StudyConfig):
     caption: str = "omit"  # source caption for the image-only edit: omit the edited attribute, or full
     n: int = 50  # edits per attribute
     alphas: list[float] = [0.0, 1.0]
-    strength: float = PAPER_STRENGTH
     seed: int = 20  # evaluation seeds: edits and noise no tuning has seen (toy-edits used 0, the ablations 2-3)
 
     def check(self):
+        super().check()
         bad = [a for a in self.attributes if a not in EDITABLE]
         if bad:
             raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
@@ -239,6 +252,7 @@ class HSDSConventionConfig(StudyConfig):
 
 def _convention_unit(ctx, unit: Unit, cfg: HSDSConventionConfig):
     editor, judge = ctx
+    level = apply_level(editor, unit["level"])
     eta = unit["eta_start"]
     editor.distill = DistillSettings(iterations=cfg.iterations, lam=cfg.lam, eta_start=eta, eta_end=eta / 10,
                                      sign=unit["sign"], cfg=unit["cfg"])
@@ -250,19 +264,19 @@ def _convention_unit(ctx, unit: Unit, cfg: HSDSConventionConfig):
     frame["cos_ref"] = np.repeat(b.cos_ref(), len(cfg.alphas))
     frame["direction_norm"] = np.repeat(b.direction.image_at(1.0).flatten(1).norm(dim=1).cpu().numpy(), len(cfg.alphas))
     frame["ref_norm"] = np.repeat(b.n_ref.flatten(1).norm(dim=1).cpu().numpy(), len(cfg.alphas))
-    return _with_keys(frame, unit), None
+    return _with_keys(frame, unit, level), None
 
 
 def conventions_summary(rows: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     """Per model, convention, step and attribute at alpha 1: the target's gain in P(target) over alpha 0,
     success, preservation, cos(n_zt, n_ref) and ||n_zt|| with 95% bootstrap CIs over edits."""
     rng = np.random.default_rng(0)
-    keys = ["model", "sign", "cfg", "eta_start", "attribute"]
+    keys = ["model", "level", "sign", "cfg", "eta_start", "attribute"]
     at0 = rows[rows.alpha == 0.0].set_index(keys + ["edit"]).target_score
     out = []
     for key, g in rows[rows.alpha == 1.0].groupby(keys, sort=False):
         g = g.assign(gain=g.target_score.values - at0.loc[[(*key, e) for e in g.edit]].values)
-        row = dict(zip(keys, key), n=len(g))
+        row = {**dict(zip(keys, key)), **g.iloc[0][LEVEL_COLUMNS[1:]].to_dict(), "n": len(g)}
         for m in ("gain", "target_score", "success", "preserved", "cos_ref", "direction_norm"):
             row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
         row["ref_norm"] = float(g.ref_norm.mean())
@@ -271,22 +285,23 @@ def conventions_summary(rows: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
 
 
 def _conventions_table(summary: pd.DataFrame) -> str:
-    lines = ["| model | convention | η start | attribute | ‖n_zt‖ (‖n_ref‖) | P(target) gain α 0 → 1 | success | "
-             "others kept | cos(n_zt, n_ref) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | log-SNR | convention | η start | attribute | ‖n_zt‖ (‖n_ref‖) | P(target) gain α 0 → 1 | success | "
+             "others kept | cos(n_zt, n_ref) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
         conv = f"{r.sign}, {'CFG' if r.cfg else 'cond'}"
-        lines.append(f"| {r.model} | {conv} | {r.eta_start:g} | {r.attribute} | {r.direction_norm:.2f} ({r.ref_norm:.2f}) | "
+        lines.append(f"| {r.model} | {r.log_snr:.2f}{' *' if r.paper_start else ''} | {conv} | {r.eta_start:g} | {r.attribute} | {r.direction_norm:.2f} ({r.ref_norm:.2f}) | "
                      f"{r.gain:+.2f} [{r.gain_lo:+.2f}, {r.gain_hi:+.2f}] | {r.success:.0%} | {r.preserved:.0%} | "
                      f"{r.cos_ref:+.2f} [{r.cos_ref_lo:+.2f}, {r.cos_ref_hi:+.2f}] |")
     return "\n".join(lines) + "\n"
 
 
 def _plot_conventions(summary: pd.DataFrame):
-    models, attrs = list(dict.fromkeys(summary.model)), list(dict.fromkeys(summary.attribute))
-    fig, axes = plt.subplots(2 * len(models), len(attrs), figsize=(3.6 * len(attrs), 5.6 * len(models)), squeeze=False)
-    for i, model in enumerate(models):
+    rows = list(dict.fromkeys(zip(summary.model, summary.level)))  # one pair of panel rows per model and level
+    attrs = list(dict.fromkeys(summary.attribute))
+    fig, axes = plt.subplots(2 * len(rows), len(attrs), figsize=(3.6 * len(attrs), 5.6 * len(rows)), squeeze=False)
+    for i, (model, level) in enumerate(rows):
         for j, attr in enumerate(attrs):
-            g = summary[(summary.model == model) & (summary.attribute == attr)]
+            g = summary[(summary.model == model) & (summary.level == level) & (summary.attribute == attr)]
             for (sign, cfg), c in g.groupby(["sign", "cfg"], sort=False):
                 c = c.sort_values("direction_norm")
                 label = f"{sign}, {'CFG' if cfg else 'cond'}"
@@ -295,7 +310,8 @@ def _plot_conventions(summary: pd.DataFrame):
                 axes[2 * i + 1, j].plot(c.direction_norm, c.cos_ref, marker="o", ms=3, label=label)
             axes[2 * i, j].axhline(0, color="k", lw=0.5)
             axes[2 * i + 1, j].axhline(0, color="k", lw=0.5)
-            axes[2 * i, j].set(xscale="log", title=f"{model}: {attr}", ylabel="P(target) gain at α=1")
+            axes[2 * i, j].set(xscale="log", title=f"{model} ({g.log_snr.iloc[0]:.2f} log-SNR): {attr}",
+                               ylabel="P(target) gain at α=1")
             axes[2 * i + 1, j].set(xscale="log", xlabel="‖n_zt‖ (matched effective step)", ylabel="cos(n_zt, n_ref)")
             axes[2 * i, j].title.set_fontsize(9)
     axes[0, 0].legend(fontsize=7)
@@ -315,12 +331,12 @@ def _conventions_report(cfg, results, out) -> Report:
 CONVENTIONS_STUDY = Study(
     name="hsds-conventions", help="HSDS ascent/descent x CFG/conditional at matched step size, judged on toy edits",
     config=HSDSConventionConfig,
-    units=lambda cfg: [Unit(m, (("sign", s), ("cfg", c), ("eta_start", float(e)), ("attribute", a)))
+    units=lambda cfg: [Unit(m, (("sign", s), ("cfg", c), ("eta_start", float(e)), ("attribute", a), ("level", lv)))
                        for m in cfg.models for s in cfg.signs for c in cfg.cfgs for e in cfg.eta_starts
-                       for a in cfg.attributes],
-    setup=lambda cfg, model, shared: (EIMEditor(load_pipeline(model), strength=cfg.strength), Judge()),
+                       for a in cfg.attributes for lv in cfg.levels()],
+    setup=lambda cfg, model, shared: (EIMEditor(load_pipeline(model)), Judge()),
     compute=_convention_unit, report=_conventions_report,
-    axes=("models", "signs", "cfgs", "eta_starts", "attributes"),
+    axes=("models", "signs", "cfgs", "eta_starts", "attributes", *LEVEL_AXES), revision=2,  # 2: noise levels
     paper="Eq. 1: the HSDS convention (sign, CFG) at matched step", toy_config="hsds-conventions-toy.yaml",
     figure_files=("hsds-conventions.png", "hsds-conventions-table.md"),
     summary_line=lambda f: (f"gain {f[f.alpha == 1].target_score.mean() - f[f.alpha == 0].target_score.mean():+.2f}"

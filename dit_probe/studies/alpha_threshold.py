@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..stats import mean_ci
+from .levels import LEVEL_AXES, LEVEL_COLUMNS, apply_level, plot_against_log_snr, with_level
 from .runner import Report, Study, Unit
 from .sources import EditSourceSettings, check_modes, edit_set, judge_edits, source_for
 
@@ -49,6 +50,7 @@ class AlphaThresholdConfig(EditSourceSettings):
     REPORT_ONLY = ("bootstrap", "tolerance")
 
     def check(self):
+        super().check()
         self.check_editable(self.attributes)
         check_modes(self.modes)
         alphas = [float(a) for a in self.alphas]
@@ -141,8 +143,9 @@ def summarise(rows: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     out = []
     changed = [c for c in rows.columns if c.startswith("changed_")]
-    for key, g in rows.groupby(["model", "mode", "attribute", "alpha"], sort=False):
-        row = dict(zip(["model", "mode", "attribute", "alpha"], key), n=len(g))
+    keys = ["model", "level", "mode", "attribute", "alpha"]
+    for key, g in rows.groupby(keys, sort=False):
+        row = {**dict(zip(keys, key)), **g.iloc[0][LEVEL_COLUMNS[1:]].to_dict(), "n": len(g)}
         for m in ["target_score", "success", "collateral", "background_psnr", "background_ssim"]:
             row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
         for c in changed:
@@ -154,12 +157,13 @@ def summarise(rows: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
 
 def thresholds(summary: pd.DataFrame, rows: pd.DataFrame, tolerance: float) -> pd.DataFrame:
     out = []
-    for (model, mode, attr), g in summary.groupby(["model", "mode", "attribute"], sort=False):
+    for (model, level, mode, attr), g in summary.groupby(["model", "level", "mode", "attribute"], sort=False):
         g = g.sort_values("alpha")
-        r = rows[(rows.model == model) & (rows["mode"] == mode) & (rows.attribute == attr)]
+        r = rows[(rows.model == model) & (rows.level == level) & (rows["mode"] == mode) & (rows.attribute == attr)]
         pos = crossing(g.alpha, g.collateral, tolerance, +1)
         z_at = np.interp(pos, g.alpha, g.projection_z) if np.isfinite(pos) else np.nan
-        out.append({"model": model, "mode": mode, "attribute": attr, "tolerance": tolerance,
+        out.append({"model": model, "mode": mode, "attribute": attr, **g.iloc[0][LEVEL_COLUMNS].to_dict(),
+                    "tolerance": tolerance,
                     "success_alpha": crossing(g.alpha, g.success, 0.5, +1, inclusive=True),
                     "collateral_alpha": pos, "collateral_alpha_negative": crossing(g.alpha, g.collateral, tolerance, -1),
                     "projection_z_at_threshold": z_at,
@@ -173,19 +177,22 @@ def markdown_table(th: pd.DataFrame, summary: pd.DataFrame) -> str:
     def fmt(v):
         return "never" if not np.isfinite(v) else f"{v:+.2f}"
 
-    lines = [f"| model | mode | attribute | success ≥ 50% at α | collateral > {th.tolerance.iloc[0]:.0%} at α (+) | "
+    lines = [f"| attribute | mode | log-SNR | model | success ≥ 50% at α | collateral > {th.tolerance.iloc[0]:.0%} at α (+) | "
              "at α (−) | collateral at α=1 | at α=max | projection z at the threshold | α matching the target |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     top = summary.alpha.max()
-    for r in th.itertuples():
-        g = summary[(summary.model == r.model) & (summary["mode"] == r.mode) & (summary.attribute == r.attribute)]
+    for r in th.sort_values(["attribute", "mode", "log_snr", "model"]).itertuples():
+        g = summary[(summary.model == r.model) & (summary.level == r.level) & (summary["mode"] == r.mode)
+                    & (summary.attribute == r.attribute)]
         c1 = g[g.alpha == 1.0].collateral
         cm = g[g.alpha == top].collateral
         match = "–" if not np.isfinite(r.alpha_match_median) else f"{r.alpha_match_median:.2f} ({r.projection_side})"
         zt = "–" if not np.isfinite(r.projection_z_at_threshold) else f"{r.projection_z_at_threshold:.1f}"
-        lines.append(f"| {r.model} | {r.mode} | {r.attribute} | {fmt(r.success_alpha)} | {fmt(r.collateral_alpha)} | "
+        star = " *" if r.paper_start else ""
+        lines.append(f"| {r.attribute} | {r.mode} | {r.log_snr:.2f}{star} | {r.model} | {fmt(r.success_alpha)} | {fmt(r.collateral_alpha)} | "
                      f"{fmt(r.collateral_alpha_negative)} | {c1.iloc[0]:.0%} | {cm.iloc[0]:.0%} (α={top:g}) | {zt} | {match} |"
                      if len(c1) else "")
+    lines += ["", "log-SNR: where the edit starts on that model's schedule (* = the paper's strength 0.75 starts there)."]
     return "\n".join(line for line in lines if line) + "\n"
 
 
@@ -244,18 +251,25 @@ def plot_strips(strips: dict, alphas):
 
 def _compute(ctx, unit: Unit, cfg: AlphaThresholdConfig):
     editor, source = ctx
+    level = apply_level(editor, unit["level"])
     frame, strip = run_unit(editor, source, unit["attribute"], unit["mode"], cfg)
-    return frame, {"images": strip}
+    return with_level(frame, level), {"images": strip}
 
 
 def _report(cfg: AlphaThresholdConfig, results, out) -> Report:
     rows = pd.concat([r.frame for r in results], ignore_index=True)
-    strips = {f"{r.unit.model} {r.unit['attribute']} {r.unit['mode']}": r.arrays["images"] for r in results}
+    strips = {f"{r.unit.model} {r.unit['attribute']} {r.unit['mode']}": r.arrays["images"] for r in results
+              if bool(r.frame.paper_start.iloc[0])}  # the examples at the paper's strength
     summary = summarise(rows, cfg.bootstrap)
     th = thresholds(summary, rows, cfg.tolerance)
     table = markdown_table(th, summary)
+    paper = summary.paper_start.astype(bool)
     return Report(th, files={"alphas.csv": rows, "summary.csv": summary, "thresholds.csv": th, "table.md": table},
-                  figures={"alpha-threshold-curves.png": plot_curves(summary, th, rows, cfg.tolerance),
+                  figures={"alpha-threshold-curves.png": plot_curves(summary[paper], th[th.paper_start.astype(bool)],
+                                                                     rows, cfg.tolerance),
+                           "alpha-threshold-levels.png": plot_against_log_snr(
+                               summary[summary.alpha == 1.0], "collateral", "attribute", "mode",
+                               "collateral change at α = 1"),
                            "alpha-threshold-examples.png": plot_strips(strips, [float(a) for a in cfg.alphas]),
                            "alpha-threshold-table.md": table}, text=table)
 
@@ -264,14 +278,15 @@ STUDY = Study(
     name="alpha-threshold",
     help="target and collateral change vs edit degree alpha, thresholds, projections (Fig. 10)",
     config=AlphaThresholdConfig,
-    units=lambda cfg: [Unit(m, (("mode", mode), ("attribute", a))) for m in cfg.models for mode in cfg.modes
-                       for a in cfg.attributes],
+    units=lambda cfg: [Unit(m, (("mode", mode), ("attribute", a), ("level", lv))) for m in cfg.models
+                       for mode in cfg.modes for a in cfg.attributes for lv in cfg.levels()],
     prepare=lambda cfg, out: source_for(cfg, every_attribute=True), setup=lambda cfg, model, source: (cfg.editor(model, batch_size=cfg.batch_size), source),
-    compute=_compute, report=_report, axes=("models", "modes", "attributes"),
+    compute=_compute, report=_report, axes=("models", "modes", "attributes", *LEVEL_AXES),
     paper="Fig. 10: edit degree alpha vs collateral change", toy_config="alpha-threshold-toy.yaml",
     paper_config="alpha-threshold-paper.yaml",
-    revision=2,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15)
-    figure_files=("alpha-threshold-curves.png", "alpha-threshold-examples.png", "alpha-threshold-table.md"),
+    revision=3,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15); 3: noise levels
+    figure_files=("alpha-threshold-curves.png", "alpha-threshold-levels.png", "alpha-threshold-examples.png",
+                  "alpha-threshold-table.md"),
     summary_line=lambda f: "collateral by alpha: " + " ".join(
         f"{a:g}:{v:.2f}" for a, v in f.groupby("alpha").collateral.mean().items()),
 )

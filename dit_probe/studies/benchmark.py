@@ -44,6 +44,7 @@ from ..metrics.lpips import LPIPS
 from ..stats import mean_ci
 from ..toyworld import ATTRIBUTES, SHAPES, Judge, render
 from ..toyworld.world import coverage, random_scene
+from .levels import LEVEL_AXES, LEVEL_COLUMNS, apply_level, plot_against_log_snr, with_level
 from .runner import Report, Study, Unit
 from .sources import EDITABLE, REFERENCE_MODES, EditorSettings, background_mask, check_modes, phrase_for
 
@@ -167,6 +168,7 @@ class BenchmarkConfig(EditorSettings):
     chunk: int = 16  # edits per editor call
 
     def check(self):
+        super().check()
         check_modes(self.modes, references=True)  # reference modes: every item needs a target_image (checked)
         if float(self.report_alpha) not in [float(a) for a in self.alphas]:
             raise ValueError(f"report_alpha {self.report_alpha} must be one of the alphas {self.alphas}")
@@ -247,8 +249,8 @@ def _at_size(array, size):
 def summarise(edits: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     out = []
-    for (model, mode), g in edits.groupby(["model", "mode"], sort=False):
-        row = {"model": model, "mode": mode, "edits": len(g)}
+    for (model, level, mode), g in edits.groupby(["model", "level", "mode"], sort=False):
+        row = {"model": model, "mode": mode, **g.iloc[0][LEVEL_COLUMNS].to_dict(), "edits": len(g)}
         for m in ("psnr", "lpips", "ssim", "clip_score", "judge_target", "graded", "cos_ref"):
             row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
         out.append(row)
@@ -263,16 +265,20 @@ def markdown_table(table: pd.DataFrame, cfg: BenchmarkConfig) -> str:
                                                  f"{fmt.format(r[m + '_hi'] * scale)}]")
 
     judge = "toy judge" if cfg.judge == "toy" else "CLIP"
-    lines = [f"| model | method | PSNR ↑ | LPIPS ×10³ ↓ | SSIM ×10² ↑ | CLIPScore ↑ | P(target) ×10² ({judge}) ↑ | "
-             f"graded-edit ×10² ({judge}) ↑ | cos(n_zt, n_ref) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in table.to_dict("records"):
-        lines.append(f"| {r['model']} | {r['mode']} | {cell(r, 'psnr')} | {cell(r, 'lpips', 1000, '{:.0f}')} | "
+    lines = [f"| method | log-SNR | model | PSNR ↑ | LPIPS ×10³ ↓ | SSIM ×10² ↑ | CLIPScore ↑ | P(target) ×10² ({judge}) ↑ | "
+             f"graded-edit ×10² ({judge}) ↑ | cos(n_zt, n_ref) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(dict.fromkeys(table["mode"]))}
+    for r in table.sort_values(["mode", "log_snr", "model"], key=lambda c: c.map(order) if c.name == "mode" else c
+                               ).to_dict("records"):
+        star = " *" if r["paper_start"] else ""
+        lines.append(f"| {r['mode']} | {r['log_snr']:.2f}{star} | {r['model']} | {cell(r, 'psnr')} | {cell(r, 'lpips', 1000, '{:.0f}')} | "
                      f"{cell(r, 'ssim', 100)} | {cell(r, 'clip_score')} | {cell(r, 'judge_target', 100, '{:.0f}')} | "
                      f"{cell(r, 'graded', 100, '{:.0f}')} | {cell(r, 'cos_ref', 1, '{:+.2f}')} |")
     notes = [f"Background metrics and CLIPScore at alpha = {cfg.report_alpha:g}, inside the background mask; "
              f"graded-edit: share of consecutive alphas {cfg.alphas} where P(target) rises by more than "
              f"{cfg.graded_delta:g}; cos(n_zt, n_ref): the image direction against the true one (the target image "
-             "noised alike), for the distilled directions; 95% bootstrap CIs over edits."]
+             "noised alike), for the distilled directions; log-SNR: where the edit starts on that model's schedule "
+             "(* = the paper's strength 0.75 starts there); 95% bootstrap CIs over edits."]
     if cfg.lpips is None:
         notes.append("LPIPS: not computed (no AlexNet weights given; set lpips: PATH or 'torchvision').")
     if cfg.clip is None:
@@ -293,22 +299,29 @@ def _report(cfg: BenchmarkConfig, results, out) -> Report:
     edits = pd.concat([r.frame for r in results], ignore_index=True)
     table = summarise(edits, cfg.bootstrap)
     md = markdown_table(table, cfg)
+    fig = plot_against_log_snr(table.assign(all="all edits"), "judge_target", "all", "mode", "judge P(target) at "
+                               f"alpha {cfg.report_alpha:g}")
     return Report(table, files={"edits.csv": edits, "table.csv": table, "table.md": md},
-                  figures={"benchmark-table2.md": md, "benchmark-table2.csv": table}, text=md)
+                  figures={"benchmark-table2.md": md, "benchmark-table2.csv": table, "benchmark-levels.png": fig}, text=md)
+
+
+def _compute(ctx, unit: Unit, cfg: BenchmarkConfig):
+    editor, shared = ctx
+    level = apply_level(editor, unit["level"])
+    return with_level(run_unit(editor, shared["items"], unit["mode"], cfg, shared["clip"], shared["lpips"]), level), None
 
 
 STUDY = Study(
     name="benchmark",
     help="ZOPIE-style editing benchmark: background PSNR/SSIM/LPIPS, CLIPScore, graded-edit (Table 2)",
     config=BenchmarkConfig,
-    units=lambda cfg: [Unit(m, (("mode", mode),)) for m in cfg.models for mode in cfg.modes],
-    prepare=_prepare, setup=lambda cfg, model, shared: (cfg.editor(model), shared),
-    compute=lambda ctx, unit, cfg: (run_unit(ctx[0], ctx[1]["items"], unit["mode"], cfg, ctx[1]["clip"],
-                                             ctx[1]["lpips"]), None),
-    report=_report, axes=("models", "modes"),
+    units=lambda cfg: [Unit(m, (("mode", mode), ("level", lv))) for m in cfg.models for mode in cfg.modes
+                       for lv in cfg.levels()],
+    prepare=_prepare, setup=lambda cfg, model, shared: (cfg.editor(model), shared), compute=_compute,
+    report=_report, axes=("models", "modes", *LEVEL_AXES),
     paper="Table 2: background PSNR/SSIM, judge P(target), graded-edit score", toy_config="benchmark-toy.yaml",
-    revision=2,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15)
-    paper_config="benchmark-paper.yaml", figure_files=("benchmark-table2.md", "benchmark-table2.csv"),
+    revision=3,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15); 3: noise levels
+    paper_config="benchmark-paper.yaml", figure_files=("benchmark-table2.md", "benchmark-table2.csv", "benchmark-levels.png"),
     summary_line=lambda f: (f"PSNR {f.psnr.mean():.1f}  SSIM {f.ssim.mean():.3f}  P(target) {f.judge_target.mean():.2f}"
                             f"  graded {f.graded.mean():.0%}"),
 )

@@ -4,10 +4,19 @@ For each model: build the colour x object x seed dataset of colour-token and obj
 (``dit_probe.probing.dataset``), then at every recorded (layer, step), at every layer pooled over
 steps, at every step pooled over layers, and pooled over both, train colour probes on colour-token
 maps and measure them on held-out colour-token maps (does the probe work?) and on the object-token
-maps of the same images (leakage); and the reverse direction (object probes on object-token maps,
-applied to colour-token maps). Output: ``probing.csv`` (one row per model, direction, layer, step,
-metric, class) and three figures. One unit per model, run and cached by ``studies.runner``; inside it
-the dataset's (object, seed) shards are kept in ``<out>/datasets/`` and resume on their own.
+maps of the same images (transfer, i.e. leakage, under three scalers: ``probes.TRANSFER``); and the
+reverse direction (object probes on object-token maps, applied to colour-token maps).
+
+Controls (docs/probing.md, "Controls"): a *direct* probe trained and tested on the other token's maps
+(cross-validated by seed as above, and for the colour, by object too), and the *text-encoder
+control*: the colour decoded from the object word's (and, as a ceiling, the colour word's) rows of
+the encoded prompt, per text stream, before any attention. The encoded prompt is the same for every
+seed, so that control holds out whole objects (folds: min(folds, objects)); so does the direct
+probe it is compared with ("direct_by_object").
+
+Output: ``probing.csv`` (one row per model, features, direction, layer, step, metric, class), three
+figures and ``probing-controls.md``. One unit per model, run and cached by ``studies.runner``; inside
+it the dataset's (object, seed) shards are kept in ``<out>/datasets/`` and resume on their own.
 
     dit-probe run probing --model toy-mmdit --model toy-unet
 """
@@ -15,6 +24,7 @@ the dataset's (object, seed) shards are kept in ``<out>/datasets/`` and resume o
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +34,7 @@ from joblib import Parallel, delayed
 from ..io import settings_hash
 from ..probing import dataset as ds
 from ..probing import plots
-from ..probing.probes import ProbeSettings, check_design, probe
+from ..probing.probes import ProbeSettings, check_design, direct_probe, probe
 from ..registry import load_pipeline, model_identity, sampling_settings
 from ..toyworld import TOY_MODELS, Judge
 from .runner import Report, Study, StudyConfig, Unit
@@ -139,6 +149,13 @@ def probe_units(data: ds.ProbeDataset):
     return units
 
 
+def by_object(settings: ProbeSettings, objects) -> ProbeSettings | None:
+    """Settings for cross-validation that holds out whole objects (folds: at most one per object); None
+    with fewer than 2 objects, where no object can be held out."""
+    n = len(set(objects))
+    return replace(settings, folds=min(settings.folds, n)) if n >= 2 else None
+
+
 def _probe_unit(data, layer, step, normalise, settings):
     rows = []
     for direction, (own, other, label_attr) in DIRECTIONS.items():
@@ -147,12 +164,41 @@ def _probe_unit(data, layer, step, normalise, settings):
             continue  # one object: the reverse direction has nothing to classify
         X_own = data.features(own, layer, step, normalise)
         X_other = data.features(other, layer, step, normalise)
-        for r in probe(X_own, X_other, labels, data.seeds, settings):
-            rows.append({"direction": direction, "layer": layer or "mean", "step": "mean" if step is None else step, **r})
+        found = [(r, "seed") for r in probe(X_own, X_other, labels, data.seeds, settings)]
+        # direct: the label decoded from the other token's maps, trained and tested on them
+        found += [(r, "seed") for r in direct_probe(X_other, labels, data.seeds, settings, name="direct")]
+        held_out = by_object(settings, data.objects)
+        if direction == "color" and held_out is not None:  # comparable with the text-encoder control
+            found += [(r, "object") for r in direct_probe(X_other, labels, data.objects, held_out,
+                                                           name="direct_by_object", group_name="object")]
+        for r, groups in found:
+            rows.append({"features": "maps", "direction": direction, "layer": layer or "mean",
+                         "step": "mean" if step is None else step, "cv_groups": groups, **r})
     return rows
 
 
-def probe_dataset(data: ds.ProbeDataset, cfg: ProbingConfig, log=print) -> pd.DataFrame:
+def text_controls(text: dict, settings: ProbeSettings) -> list[dict]:
+    """The colour decoded from the text encoder's rows of the object word ("text_object") and of the
+    colour word ("text_color", a ceiling), per stream; ``text`` as ``dataset.text_features`` returns.
+
+    The rows do not depend on the seed, so the cross-validation holds out whole objects: a row never
+    has a copy on the other side of a split, and the probe must find a colour code shared by objects
+    it never saw. Fewer than 2 objects: no rows."""
+    held_out = by_object(settings, text["objects"])
+    if held_out is None:
+        return []
+    rows = []
+    for token in ("object", "color"):
+        for stream, X in text[token].items():
+            for r in direct_probe(X, text["colors"], text["objects"], held_out, name=f"text_{token}",
+                                  group_name="object"):
+                rows.append({"features": f"text-encoder/{stream}", "direction": "color", "layer": "none",
+                             "step": "none", "cv_groups": "object", **r})
+    return rows
+
+
+def probe_dataset(data: ds.ProbeDataset, cfg: ProbingConfig, log=print, text: dict | None = None) -> pd.DataFrame:
+    """Every probe of one model's dataset; with ``text`` (``dataset.text_features``) the text-encoder control too."""
     settings = cfg.probe_settings()
     check_design(data.colors, data.seeds, settings.folds)
     units = probe_units(data)
@@ -160,7 +206,10 @@ def probe_dataset(data: ds.ProbeDataset, cfg: ProbingConfig, log=print) -> pd.Da
     results = Parallel(n_jobs=cfg.n_jobs)(
         delayed(_probe_unit)(data, lay, st, cfg.normalise, settings) for lay, st in units
     )
-    frame = pd.DataFrame([r for rows in results for r in rows])
+    rows = [r for unit_rows in results for r in unit_rows]
+    if text is not None:
+        rows += text_controls(text, settings)
+    frame = pd.DataFrame(rows)
     frame.insert(0, "model", data.meta["model"])
     frame.insert(1, "family", data.meta["family"])
     frame["n_images"], frame["n_seeds"] = len(data), len(set(data.seeds))
@@ -188,7 +237,7 @@ def _compute(ctx, unit: Unit, cfg: ProbingConfig):
     t0 = time.time()
     data = ds.build(pipe, unit.model, grid, folder, annotate=_annotator(unit.model), log=lambda m: None)
     t1 = time.time()
-    frame = probe_dataset(data, cfg, log=lambda m: None)
+    frame = probe_dataset(data, cfg, log=lambda m: None, text=ds.text_features(pipe, grid))
     frame["dataset"] = folder.relative_to(out).as_posix()
     extra = {**judged(data), "dataset_s": round(t1 - t0, 1), "probes_s": round(time.time() - t1, 1)}
     for k, v in extra.items():
@@ -201,6 +250,7 @@ def _report(cfg: ProbingConfig, results, out: Path) -> Report:
     datasets = {r.unit.model: ds.ProbeDataset.load(out / r.frame.dataset.iloc[0]) for r in results}
     figures = plots.figures(table, datasets, example_object=cfg.example_object or cfg.objects[0],
                             example_seed=cfg.first_seed)
+    figures["probing-controls.md"] = controls_table(table)
     text = "\n".join(summary_line(r.frame) for r in results)
     return Report(table, files={"probing.csv": table}, figures=figures, text=text)
 
@@ -212,17 +262,29 @@ STUDY = Study(
     compute=_compute, report=_report,
     paper="Fig. 7: colour probes on colour- and object-word attention maps", toy_config="probing-toy.yaml",
     paper_config="probing-paper.yaml",
-    figure_files=("probing-fig7.png", "probing-layers-steps.png", "probing-example-maps.png"),
+    figure_files=("probing-fig7.png", "probing-layers-steps.png", "probing-example-maps.png", "probing-controls.md"),
     read_csv={"dtype": {"step": str, "class": str}},
+    revision=2,  # 2: transfer under three scalers, direct probes, text-encoder control
 )
 run, config_from = STUDY.run, STUDY.config_from
 
 
-def pooled(table: pd.DataFrame, model: str, direction: str = "color") -> dict:
-    """The pooled (mean over layers and steps) metrics of one model as {metric: row}."""
-    sel = table[(table.model == model) & (table.direction == direction) & (table.layer == "mean")
-                & (table.step.astype(str) == "mean") & (table["class"] == "all")]
+def pooled(table: pd.DataFrame, model: str, direction: str = "color", layer: str = "mean", step: str = "mean") -> dict:
+    """The pooled (mean over layers and steps) metrics of one model as {metric: row}; or those of another unit."""
+    sel = table[(table.model == model) & (table.direction == direction) & (table.layer == layer)
+                & (table.step.astype(str) == str(step)) & (table["class"] == "all")]
     return {r.metric: r for r in sel.itertuples()}
+
+
+def _fmt(r, digits=3) -> str:
+    return f"{r.value:.{digits}f} [{r.ci_low:.{digits}f}, {r.ci_high:.{digits}f}]"
+
+
+def text_rows(table: pd.DataFrame, model: str) -> dict:
+    """The text-encoder control of one model (multiclass accuracy) as {(metric, stream): row}."""
+    sel = table[(table.model == model) & table.features.astype(str).str.startswith("text-encoder/")
+                & table.metric.isin(["text_object", "text_color"]) & (table["class"] == "all")]
+    return {(r.metric, r.features.split("/", 1)[1]): r for r in sel.itertuples()}
 
 
 def summary_line(frame: pd.DataFrame) -> str:
@@ -231,12 +293,22 @@ def summary_line(frame: pd.DataFrame) -> str:
 
     def fmt(name):
         r = p[name]
-        return f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] (shuffled {r.shuffled:.3f}, chance {r.chance:.3f})"
+        return f"{_fmt(r)} (shuffled {r.shuffled:.3f}, chance {r.chance:.3f})"
 
     lines = [f"  {model}, maps pooled over layers and steps:",
              f"    colour probe on colour-token maps (held-out seeds): {fmt('accuracy')}",
              f"    same probe on object-token maps (leakage):           {fmt('leakage')}",
-             f"    one-vs-rest leakage, balanced accuracy:              {fmt('ovr_leakage_balanced')}"]
+             f"      the same, object maps with their own scaler:      {fmt('leakage_own_scaler')}",
+             f"      the same, no scaler:                              {fmt('leakage_no_scaler')}",
+             f"        (that probe on colour-token maps:               {fmt('accuracy_no_scaler')})",
+             f"    one-vs-rest leakage, balanced accuracy:              {fmt('ovr_leakage_balanced')}",
+             f"    direct colour probe on object-token maps:            {fmt('direct')}"]
+    if "direct_by_object" in p:
+        lines.append(f"      the same, objects held out:                       {fmt('direct_by_object')}")
+    for (metric, stream), r in text_rows(frame, model).items():
+        word = "object" if metric == "text_object" else "colour"
+        lines.append(f"    text encoder, {word} word ({stream}), objects held out: "
+                     f"{_fmt(r)} (shuffled {r.shuffled:.3f}, chance {r.chance:.3f})")
     r = pooled(frame, model, "object")
     if r:  # the reverse direction (needs two or more objects)
         p = r
@@ -245,4 +317,68 @@ def summary_line(frame: pd.DataFrame) -> str:
     if "judged_color_match" in frame:
         lines.append(f"    judge: prompted colour in {frame.judged_color_match.iloc[0]:.1%} of images, "
                      f"prompted shape in {frame.judged_object_match.iloc[0]:.1%}")
+    return "\n".join(lines)
+
+
+# the controls table: (metric, what it measures), colour probes
+CONTROLS = [
+    ("accuracy", "colour probe on held-out colour-word maps (does the probe work?)"),
+    ("direct", "**direct**: colour probe trained and tested on object-word maps"),
+    ("direct_by_object", "direct, whole objects held out (compare with the text encoder)"),
+    ("leakage", "transfer to object-word maps, scaler `source` (fitted on colour-word maps: the original leakage)"),
+    ("leakage_own_scaler", "transfer, scaler `own` (object-word maps standardised with their own training fold)"),
+    ("leakage_no_scaler", "transfer, no scaler"),
+    ("accuracy_no_scaler", "no scaler: the same probe on held-out colour-word maps"),
+]
+TEXT_CONTROLS = {"text_object": "text encoder: object word", "text_color": "text encoder: colour word (ceiling)"}
+_GROUPS = {"seed": "seeds", "object": "objects"}
+
+
+def best_unit(table: pd.DataFrame, model: str) -> tuple[str, str, int]:
+    """(layer, step, number of units compared): the unit, pooled over both layers and steps left out, whose
+    direct colour probe on object-word maps is the most accurate (first on ties)."""
+    sel = table[(table.model == model) & (table.direction == "color") & (table.metric == "direct")
+                & (table["class"] == "all") & ~((table.layer == "mean") & (table.step.astype(str) == "mean"))]
+    top = sel.loc[sel.value.idxmax()]
+    return top.layer, str(top.step), len(sel)
+
+
+def controls_table(table: pd.DataFrame) -> str:
+    """Markdown: per model, every colour probe and control with its 95% CI, shuffled control and chance,
+    maps pooled over layers and steps and at the best unit (see ``best_unit``)."""
+    lines = ["# Probing controls: where the colour is decodable (colour probes)", "",
+             "Accuracy of multiclass colour probes with its 95% bootstrap CI (resampling the groups that "
+             "cross-validation holds out). How to read it: docs/probing.md, section \"Controls\". The text-encoder "
+             "rows do not depend on a layer or step: the same number stands in both columns. The best unit is "
+             "chosen on the same data it reports, so its numbers are optimistic.", ""]
+    for model in dict.fromkeys(table.model):
+        p = pooled(table, model)
+        layer, step, n_units = best_unit(table, model)
+        at = pooled(table, model, layer=layer, step=step)
+        first = table[table.model == model].iloc[0]
+        k = round(1 / p["accuracy"].chance)
+        m = round(first.n_images / (k * first.n_seeds))
+        if step == "mean":
+            where = f"layer {layer}, pooled over steps"
+        elif layer == "mean":
+            where = f"step {step}, pooled over layers"
+        else:
+            where = f"layer {layer}, step {step}"
+        lines += [f"## {model}", "",
+                  f"{first.n_images} images ({k} colours x {m} objects x {first.n_seeds} seeds); chance 1/{k} = "
+                  f"{1 / k:.3f}. Best unit: {where} (highest direct accuracy of {n_units} units).", "",
+                  "| measure | CV holds out | maps pooled over layers and steps | best unit | shuffled labels (pooled) "
+                  "| chance |",
+                  "|---|---|---|---|---|---|"]
+        rows = [(label, p.get(metric), at.get(metric)) for metric, label in CONTROLS]
+        rows += [(f"{TEXT_CONTROLS[metric]}, {stream} stream", r, r) for (metric, stream), r in text_rows(table, model).items()]
+        for label, r, b in rows:
+            if r is None:  # direct_by_object with one object
+                lines.append(f"| {label} | objects | n/a: needs 2 or more objects | | | {1 / k:.3f} |")
+                continue
+            lines.append(f"| {label} | {_GROUPS[r.cv_groups]} | {_fmt(r, 2)} | {_fmt(b, 2)} | {r.shuffled:.2f} | "
+                         f"{r.chance:.3f} |")
+        if not text_rows(table, model):
+            lines.append(f"| text encoder | objects | n/a: needs 2 or more objects | | | {1 / k:.3f} |")
+        lines.append("")
     return "\n".join(lines)

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_write, read_arrays, settings_hash, sha256, versions, write_arrays, write_csv, write_json, write_text
 from ..registry import model_identity
+from ..seeds import PURPOSES, check_seed
 
 PAPER_STRENGTH = 0.75  # the paper's editing strength (section 4.2), the default of every editing study
 
@@ -58,11 +59,21 @@ class StudyConfig(BaseModel):
 
     models: list[str] = ["toy-mmdit", "toy-unet"]
     bootstrap: int = 1000  # bootstrap resamples of every CI
+    purpose: str = "development"  # 'evaluation': a reported number, its seed in seeds.EVALUATION (checked)
 
     REPORT_ONLY: ClassVar[tuple[str, ...]] = ("bootstrap",)  # fields no unit depends on
 
     def check(self) -> None:
         """Rules across fields, beyond their types; raise ValueError with what to change."""
+
+    def validate_all(self) -> None:
+        """``check`` plus the seed rule: an evaluation run uses an evaluation-only seed (``dit_probe.seeds``)."""
+        self.check()
+        name = next((k for k in ("seed", "first_seed") if k in type(self).model_fields), None)
+        if name is not None:
+            check_seed(getattr(self, name), self.purpose, name)
+        elif self.purpose not in PURPOSES:
+            raise ValueError(f"purpose must be one of {PURPOSES}, got {self.purpose!r}")
 
 
 def _first_error(err: ValidationError) -> str:
@@ -100,7 +111,7 @@ def load_config(cls: type[StudyConfig], path=None, **overrides) -> StudyConfig:
         valid = f"; valid settings: {', '.join(cls.model_fields)}" if err.errors()[0]["type"] == "extra_forbidden" else ""
         raise ConfigError(f"{src}: {_first_error(err)}{valid}") from None
     try:
-        cfg.check()
+        cfg.validate_all()
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
     return cfg
@@ -170,7 +181,7 @@ class Study:
 # ----- units on disk -----
 def unit_settings(study: Study, cfg: StudyConfig, unit: Unit) -> dict:
     """Exactly what a unit's result depends on (hashed into its file names)."""
-    skip = set(study.axes) | set(cfg.REPORT_ONLY)
+    skip = set(study.axes) | set(cfg.REPORT_ONLY) | {"purpose"}  # purpose labels a run, it computes nothing
     fixed = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
     return {"study": study.name, "revision": study.revision, "model": unit.model,
             "model_identity": model_identity(unit.model), "unit": dict(unit.keys), "settings": fixed}
@@ -237,7 +248,7 @@ def run(study: Study, cfg: StudyConfig, out=None, figures=None, log=None, quiet:
     on the main process, write the tables and figures. Returns the study's result (None on other processes)."""
     log = log or (lambda *a: None if quiet else tqdm.write(" ".join(map(str, a))))
     cfg = study.config.model_validate(cfg.model_dump())  # re-validated: a config edited in place is checked too
-    cfg.check()
+    cfg.validate_all()
     out = Path(out or f"runs/{study.name}")
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu: several CPU processes share the units too
     shared = study.prepare(cfg, out) if study.prepare else None

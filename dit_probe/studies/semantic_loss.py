@@ -1,17 +1,18 @@
 """Semantic-loss sweep (paper section 5.4, Fig. 13): which attributes survive forward noising when the
 prompt does not name them?
 
-For every image with known attributes and every forward strength s, the image is encoded, noised to s
+For every image with known attributes and every noise level (a nominal strength, or a log-SNR matched
+per model on its own schedule: ``studies.levels``), the image is encoded, noised to that level
 with a fixed noise sample per (image, seed), and denoised three ways from the same noised latent:
 with the full description, with the description minus one attribute (one variant per attribute), and
 with the empty prompt. The judge reads every result. ``retained`` = the judge reads the image's own
 value of the attribute. Retention of an attribute is measured where its word is absent (omit, empty)
 and, as a control, where it is present (full).
 
-Results: ``retention.csv`` (one row per image, seed, prompt, attribute and strength), ``summary.csv``
-(retention per model, prompt, attribute and strength with a 95% bootstrap CI over images, the
-strength's timestep and log-SNR, and chance), ``table.md`` and two figures: curves vs strength and
-vs log-SNR, and an image grid; one unit per (model, strength), run and cached by ``studies.runner``.
+Results: ``retention.csv`` (one row per image, seed, prompt, attribute and level), ``summary.csv``
+(retention per model, prompt, attribute and level with a 95% bootstrap CI over images, the
+strength, timestep and log-SNR reached, and chance), ``table.md`` and two figures: curves vs strength
+and vs log-SNR, and an image grid; one unit per (model, level), run and cached by ``studies.runner``.
 
     dit-probe run semantic-loss
 """
@@ -24,22 +25,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..adapters.base import check_strength
 from ..editing import EIMEditor
 from ..registry import load_pipeline
 from ..stats import mean_ci
-from .runner import Report, Study, StudyConfig, Unit
+from .levels import LEVEL_AXES, LevelSettings, apply_level, with_level
+from .runner import Report, Study, Unit
 from .sources import make_source, source_for
 
 PROMPTS = ("full", "omit", "empty")
 
 
-class SemanticLossConfig(StudyConfig):
+class SemanticLossConfig(LevelSettings):
     source: str = "toy"  # toy | celeba
     celeba: str | None = None  # the CelebA folder (source celeba)
     clip: str | None = None  # the CLIP judge's model for real images (hub id or folder)
     attributes: list[str] = ["color", "shape", "size", "background"]
-    strengths: list[float] = [0.15, 0.35, 0.55, 0.75, 0.95]
+    strengths: list[float] = [0.15, 0.35, 0.55, 0.75, 0.95]  # or log_snrs: targets matched per model
     prompts: list[str] = list(PROMPTS)
     n: int = 32  # images
     seeds: int = 2  # noise samples per image
@@ -50,14 +51,7 @@ class SemanticLossConfig(StudyConfig):
     examples: int = 1  # images shown in the grid figure, per model
 
     def check(self):
-        if not self.strengths:
-            raise ValueError("give at least one strength")
-        for s in self.strengths:
-            try:
-                check_strength(s)
-            except ValueError:
-                raise ValueError(f"strength {s!r} is outside (0, 1]: a forward strength is the fraction of the "
-                                 "noise schedule, e.g. 0.15 (a little noise) to 1.0 (pure noise)") from None
+        super().check()
         bad = [p for p in self.prompts if p not in PROMPTS]
         if bad:
             raise ValueError(f"unknown prompt kind(s) {bad}; choose from {list(PROMPTS)}")
@@ -72,9 +66,11 @@ def _setup(cfg: SemanticLossConfig, model: str, source) -> SimpleNamespace:
 
 
 def _compute(ctx, unit: Unit, cfg: SemanticLossConfig):
-    editor = EIMEditor(ctx.pipe, strength=unit["strength"], num_inference_steps=cfg.num_inference_steps,
-                       guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
-    return run_unit(editor, ctx.source, ctx.items, cfg)
+    editor = EIMEditor(ctx.pipe, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                       batch_size=cfg.batch_size)
+    level = apply_level(editor, unit["level"])
+    frame, examples = run_unit(editor, ctx.source, ctx.items, cfg)
+    return with_level(frame.drop(columns=["strength", "log_snr"]), level), examples
 
 
 def run_unit(editor, source, items, cfg: SemanticLossConfig) -> tuple[pd.DataFrame, dict]:
@@ -117,32 +113,38 @@ def summarise(rows: pd.DataFrame, values: dict, n_boot: int = 1000) -> pd.DataFr
     """Retention per model, prompt, attribute and strength: mean over images (each image's seeds averaged
     first, so the CI is over images), with chance = 1 / number of values."""
     rng = np.random.default_rng(0)
-    keys = ["model", "prompt", "attribute", "strength"]
+    keys = ["model", "prompt", "attribute", "level"]
     out = []
     for key, g in rows.groupby(keys, sort=False):
         per_image = g.groupby("image").retained.mean()
         m, lo, hi = mean_ci(per_image.values, n_boot, rng)
-        out.append({**dict(zip(keys, key)), "timestep": g.timestep.iloc[0], "log_snr": g.log_snr.iloc[0],
+        out.append({**dict(zip(keys, key)), "strength": g.strength.iloc[0], "timestep": g.timestep.iloc[0],
+                    "log_snr": g.log_snr.iloc[0], "paper_start": bool(g.paper_start.iloc[0]),
                     "retention": m, "retention_lo": lo, "retention_hi": hi, "images": len(per_image),
                     "samples": len(g), "chance": 1.0 / len(values[key[2]])})
-    return pd.DataFrame(out).sort_values(keys).reset_index(drop=True)
+    return pd.DataFrame(out).sort_values(["model", "prompt", "attribute", "log_snr"]).reset_index(drop=True)
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
-    """Retention of each attribute when its word is omitted, per model and strength (full prompt in brackets)."""
-    strengths = sorted(summary.strength.unique())
-    lines = ["| model | attribute | " + " | ".join(f"s={s:g}" for s in strengths) + " | chance |",
-             "|---|---|" + "---|" * (len(strengths) + 1)]
+    """Retention of each attribute when its word is omitted, per model and level, with its 95% CI (full prompt
+    in brackets) and the log-SNR each model reached at that level."""
+    levels = list(dict.fromkeys(summary.sort_values("log_snr").level))
+    lines = ["| model | attribute | " + " | ".join(levels) + " | chance |", "|---|---|" + "---|" * (len(levels) + 1)]
     for (model, attr), g in summary.groupby(["model", "attribute"], sort=False):
         cells = []
-        for s in strengths:
-            om = g[(g.prompt == "omit") & (g.strength == s)]
-            fu = g[(g.prompt == "full") & (g.strength == s)]
-            cell = f"{om.retention.iloc[0]:.0%}" if len(om) else "–"
+        for lv in levels:
+            om = g[(g.prompt == "omit") & (g.level == lv)]
+            fu = g[(g.prompt == "full") & (g.level == lv)]
+            cell = (f"{om.retention.iloc[0]:.0%} [{om.retention_lo.iloc[0]:.0%}, {om.retention_hi.iloc[0]:.0%}]"
+                    if len(om) else "–")
             if len(fu):
                 cell += f" ({fu.retention.iloc[0]:.0%})"
             cells.append(cell)
         lines.append(f"| {model} | {attr} | " + " | ".join(cells) + f" | {g.chance.iloc[0]:.0%} |")
+    reached = summary.drop_duplicates(["model", "level"])
+    lines += ["", "log-SNR reached per level: " + "; ".join(
+        f"{lv}: " + ", ".join(f"{r.model} {r.log_snr:.2f}" for r in reached[reached.level == lv].itertuples())
+        for lv in levels) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +159,7 @@ def plot_curves(summary: pd.DataFrame):
         for j, x in enumerate(["strength", "log_snr"]):
             ax = axes[i, j]
             for (prompt, attr), g in summary[summary.model == model].groupby(["prompt", "attribute"], sort=False):
-                g = g.sort_values("strength")
+                g = g.sort_values("log_snr", ascending=False)
                 ax.plot(g[x], g.retention, styles[prompt], color=colours[attr], marker="o", ms=3,
                         label=f"{attr} ({prompt})")
                 if prompt == "omit":
@@ -177,8 +179,8 @@ def plot_curves(summary: pd.DataFrame):
     return fig
 
 
-def plot_grid(examples: dict, strengths: list[float]):
-    """Per model: rows = strengths, columns = source, full, each omit variant, empty (first example image)."""
+def plot_grid(examples: dict, strengths: list[str]):
+    """Per model: rows = levels, columns = source, full, each omit variant, empty (first example image)."""
     models = list(examples)
     cols = list(examples[models[0]][strengths[0]])
     fig, axes = plt.subplots(len(models) * len(strengths), len(cols),
@@ -194,7 +196,7 @@ def plot_grid(examples: dict, strengths: list[float]):
                 if row == 0:
                     ax.set_title(col.replace("no-", "no "), fontsize=7)
                 if c == 0:
-                    ax.set_ylabel(f"{model}\ns={s:g}", fontsize=6)
+                    ax.set_ylabel(f"{model}\n{s}", fontsize=6)
     fig.tight_layout(pad=0.2)
     return fig
 
@@ -205,11 +207,11 @@ def _report(cfg: SemanticLossConfig, results, out) -> Report:
     summary = summarise(rows, make_source(cfg.source, cfg.celeba, cfg.attributes, cfg.clip).values, cfg.bootstrap)
     examples = {}
     for r in results:
-        examples.setdefault(r.unit.model, {})[r.unit["strength"]] = r.arrays
+        examples.setdefault(r.unit.model, {})[r.unit["level"]] = r.arrays
     table = markdown_table(summary)
     return Report(summary, files={"retention.csv": rows, "summary.csv": summary, "table.md": table},
                   figures={"semantic-loss-curves.png": plot_curves(summary),
-                           "semantic-loss-grid.png": plot_grid(examples, list(cfg.strengths)),
+                           "semantic-loss-grid.png": plot_grid(examples, cfg.levels()),
                            "semantic-loss-table.md": table}, text=table)
 
 
@@ -221,8 +223,9 @@ def _line(frame: pd.DataFrame) -> str:
 STUDY = Study(
     name="semantic-loss", help="attribute retention vs forward strength with full / omit / empty prompts (Fig. 13)",
     config=SemanticLossConfig,
-    units=lambda cfg: [Unit(m, (("strength", float(s)),)) for m in cfg.models for s in cfg.strengths],
-    prepare=lambda cfg, out: source_for(cfg), setup=_setup, compute=_compute, report=_report, axes=("models", "strengths"),
+    units=lambda cfg: [Unit(m, (("level", lv),)) for m in cfg.models for lv in cfg.levels()],
+    prepare=lambda cfg, out: source_for(cfg), setup=_setup, compute=_compute, report=_report,
+    axes=("models", *LEVEL_AXES), revision=2,  # 2: noise levels (strengths or matched log-SNRs)
     paper="Fig. 13: attributes lost with forward strength when unnamed", toy_config="semantic-loss-toy.yaml",
     paper_config="semantic-loss-paper.yaml",
     figure_files=("semantic-loss-curves.png", "semantic-loss-grid.png", "semantic-loss-table.md"),

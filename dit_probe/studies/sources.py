@@ -28,7 +28,7 @@ from ..metrics import psnr, ssim
 from ..registry import load_pipeline
 from ..toyworld import ATTRIBUTES, Judge, caption, render_many, scenes
 from ..toyworld.world import IMAGE_SIZE, coverage, random_scene
-from .runner import PAPER_STRENGTH, StudyConfig
+from .levels import LevelSettings
 
 
 @dataclass
@@ -325,15 +325,15 @@ def edit_batch(editor, attribute: str, mode: str, n: int, seed: int, alphas) -> 
     return EditBatch(pairs, sources, masks, seeds, enc, direction, n_ref, editor.manipulate(enc, direction, alphas))
 
 
-class EditorSettings(StudyConfig):
-    """How the editing studies denoise (None keeps the model's default steps and guidance)."""
+class EditorSettings(LevelSettings):
+    """How the editing studies denoise (None keeps the model's default steps and guidance), and at which
+    noise levels (``studies.levels``: the editor's strength is set per unit by ``apply_level``)."""
 
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
-    strength: float = PAPER_STRENGTH
 
     def editor(self, model: str, **kwargs) -> EIMEditor:
-        return EIMEditor(load_pipeline(model), strength=self.strength, num_inference_steps=self.num_inference_steps,
+        return EIMEditor(load_pipeline(model), num_inference_steps=self.num_inference_steps,
                          guidance_scale=self.guidance_scale, **kwargs)
 
 

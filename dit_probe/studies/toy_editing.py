@@ -12,9 +12,12 @@ mode and attribute, all edits run as one batch over the alphas, and the judge re
 - bidirectional (eim): the alpha = +1 edit, encoded with the target caption and edited with alpha = -1
   along the same direction: does the source value come back?
 
+Noise levels (``studies.levels``): nominal ``strengths`` and per-model matched ``log_snrs``; every row
+carries the log-SNR it started at, so the models are compared at matched noise.
+
 Results: ``edits.csv`` (one row per edit and alpha), ``summary.csv`` (means with 95% bootstrap CIs
-over edits), ``table.md`` and a curves figure; one unit per (model, mode, attribute), run and cached
-by ``studies.runner``.
+over edits), ``table.md``, a curves figure at the paper's strength and success against log-SNR; one
+unit per (model, mode, attribute, level), run and cached by ``studies.runner``.
 
     dit-probe run toy-edits
 """
@@ -31,22 +34,23 @@ from ..editing import DistillSettings, EditDirection, EIMEditor
 from ..registry import load_pipeline
 from ..stats import mean_ci
 from ..toyworld import Judge
-from .runner import PAPER_STRENGTH, Report, Study, StudyConfig, Unit
+from .levels import LEVEL_AXES, LEVEL_COLUMNS, LevelSettings, apply_level, plot_against_log_snr, with_level
+from .runner import Report, Study, Unit
 from .sources import EDITABLE, check_modes, distill_settings, edit_batch, judge_edits
 
 
-class ToyEditConfig(StudyConfig):
+class ToyEditConfig(LevelSettings):
     attributes: list[str] = list(EDITABLE)
     modes: list[str] = ["eim", "prompt-only", "hsds-only", "dds"]
     n: int = 30  # edits per attribute
     alphas: list[float] = [0.0, 0.5, 1.0, 1.5]
-    strength: float = PAPER_STRENGTH
     seed: int = 0  # scenes, targets and noise
     bidirectional: bool = True  # eim only: +1 then -1
     distill: dict = {}  # image-side settings (DistillSettings fields, e.g. {lam: 1.0}); unset ones keep the defaults
     batch_size: int | None = None
 
     def check(self):
+        super().check()
         bad = [a for a in self.attributes if a not in EDITABLE]
         if bad:
             raise ValueError(f"attributes {bad} cannot be edited in the toy world; choose from {list(EDITABLE)}")
@@ -100,8 +104,9 @@ def summarise(edits: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
     rows = []
     measures = ["target_score", "success", "preserved", "background_psnr", "background_ssim", "cos_ref",
                 "returned_swap", "returned_image"]
-    for key, g in edits.groupby(["model", "mode", "attribute", "alpha"], sort=False):
-        row = dict(zip(["model", "mode", "attribute", "alpha"], key), n=len(g))
+    keys = ["model", "level", "mode", "attribute", "alpha"]
+    for key, g in edits.groupby(keys, sort=False):
+        row = {**dict(zip(keys, key)), **g.iloc[0][LEVEL_COLUMNS[1:]].to_dict(), "n": len(g)}
         for m in measures:
             if m not in g or g[m].isna().all():
                 continue
@@ -118,24 +123,29 @@ def _change(at0, at1, key, fmt) -> str:
 def markdown_table(summary: pd.DataFrame) -> str:
     """Success and preservation at alpha = 1, the score slope, the image side against the truth, and
     bidirectional return, per model and mode."""
-    lines = ["| model | mode | attribute | target score α=0 → 1 | success α=1 | others preserved α=0 → 1 | "
+    lines = ["| attribute | mode | log-SNR | model | target score α=0 → 1 | success α=1 | others preserved α=0 → 1 | "
              "background PSNR α=0 → 1 (dB) | cos(n_zt, n_ref) | returned: swap / image side |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def pct(r, m):
         return f"{r[m]:.0%}" if m in r and pd.notna(r[m]) else "–"
 
-    for (model, mode, attr), g in summary.groupby(["model", "mode", "attribute"], sort=False):
+    order = summary.assign(_m=summary["mode"].map({m: i for i, m in enumerate(dict.fromkeys(summary["mode"]))}))
+    for (attr, _, level, model), g in order.sort_values(["attribute", "_m", "log_snr", "model"]).groupby(
+            ["attribute", "_m", "level", "model"], sort=False):
         a0, a1 = g[g.alpha == 0.0], g[g.alpha == 1.0]
         if a1.empty:
             continue
         r = a1.iloc[0]
         z = a0.iloc[0] if not a0.empty else None
         cos = f"{r.cos_ref:.2f}" if "cos_ref" in r and pd.notna(r.cos_ref) else "–"
-        lines.append(f"| {model} | {mode} | {attr} | {_change(z, r, 'target_score', '{:.2f}')} | "
+        star = " *" if r.paper_start else ""
+        lines.append(f"| {attr} | {r['mode']} | {r.log_snr:.2f}{star} | {model} | {_change(z, r, 'target_score', '{:.2f}')} | "
                      f"{r.success:.0%} [{r.success_lo:.0%}, {r.success_hi:.0%}] | {_change(z, r, 'preserved', '{:.0%}')} | "
                      f"{_change(z, r, 'background_psnr', '{:.1f}')} | {cos} | "
                      f"{pct(r, 'returned_swap')} / {pct(r, 'returned_image')} |")
+    lines += ["", "log-SNR: where the edit starts on that model's schedule (* = the paper's strength 0.75 starts there); "
+              "95% bootstrap CIs over edits."]
     return "\n".join(lines) + "\n"
 
 
@@ -160,8 +170,13 @@ def plot_curves(summary: pd.DataFrame):
 
 
 def _setup(cfg: ToyEditConfig, model: str, shared) -> SimpleNamespace:
-    return SimpleNamespace(editor=EIMEditor(load_pipeline(model), strength=cfg.strength, distill=cfg.distill_settings(),
+    return SimpleNamespace(editor=EIMEditor(load_pipeline(model), distill=cfg.distill_settings(),
                                             batch_size=cfg.batch_size), judge=Judge())
+
+
+def _compute(ctx, unit: Unit, cfg: ToyEditConfig):
+    level = apply_level(ctx.editor, unit["level"])
+    return with_level(run_unit(ctx.editor, ctx.judge, unit["attribute"], unit["mode"], cfg), level), None
 
 
 def _report(cfg: ToyEditConfig, results, out) -> Report:
@@ -169,7 +184,10 @@ def _report(cfg: ToyEditConfig, results, out) -> Report:
     summary = summarise(edits, cfg.bootstrap)
     table = markdown_table(summary)
     return Report(summary, files={"edits.csv": edits, "summary.csv": summary, "table.md": table},
-                  figures={"editing-toy-curves.png": plot_curves(summary), "editing-toy-table.md": table,
+                  figures={"editing-toy-curves.png": plot_curves(summary[summary.paper_start.astype(bool)]),
+                           "editing-toy-levels.png": plot_against_log_snr(
+                               summary[summary.alpha == 1.0], "success", "attribute", "mode", "success at α = 1"),
+                           "editing-toy-table.md": table,
                            "editing-toy-summary.csv": summary}, text=table)
 
 
@@ -181,13 +199,12 @@ def _line(frame: pd.DataFrame) -> str:
 
 STUDY = Study(
     name="toy-edits", help="EIM and its ablations on toy edits, measured by the judge", config=ToyEditConfig,
-    units=lambda cfg: [Unit(m, (("mode", mode), ("attribute", a))) for m in cfg.models for mode in cfg.modes
-                       for a in cfg.attributes],
-    setup=_setup,
-    compute=lambda ctx, unit, cfg: (run_unit(ctx.editor, ctx.judge, unit["attribute"], unit["mode"], cfg), None),
-    report=_report, axes=("models", "modes", "attributes"),
+    units=lambda cfg: [Unit(m, (("mode", mode), ("attribute", a), ("level", lv))) for m in cfg.models
+                       for mode in cfg.modes for a in cfg.attributes for lv in cfg.levels()],
+    setup=_setup, compute=_compute, report=_report, axes=("models", "modes", "attributes", *LEVEL_AXES),
     paper="sections 3.1, 5.2: EIM and ablations, bidirectional edits", toy_config="toy-edits.yaml",
-    revision=2,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15)
-    figure_files=("editing-toy-curves.png", "editing-toy-table.md", "editing-toy-summary.csv"), summary_line=_line,
+    revision=3,  # 2: the HSDS restraint pulls towards z_t under every sign (issue 15); 3: noise levels
+    figure_files=("editing-toy-curves.png", "editing-toy-levels.png", "editing-toy-table.md", "editing-toy-summary.csv"),
+    summary_line=_line,
 )
 run, config_from = STUDY.run, STUDY.config_from

@@ -22,7 +22,7 @@ from .world import ATTRIBUTES, BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, render, 
 WEIGHTS = Path(__file__).with_name("shape_classifier.safetensors")
 MASK_DISTANCE = 50.0  # RGB distance from the background that counts as object (named colours are >= 100 apart)
 MIN_OBJECT_PIXELS = 4  # fewer object pixels than this: no object found
-SIZE_THRESHOLD = 16.5  # extent in px: renders give 10-14 (small) and 19-24 (large)
+SIZE_THRESHOLD = 17.0  # extent in px, placed by a rule on renders alone: size_threshold_from_renders()
 SIZE_SOFTNESS = 1.5  # px, the slope of the soft size score
 COLOR_SIGMA = 30.0  # RGB units, the width of the soft colour scores
 
@@ -163,6 +163,16 @@ class Judge:
                 row.update(shape=None, color=None, size=None)
             out.append(row)
         return out, s
+
+
+def size_threshold_from_renders(n: int = 4000, seed: int = 10_500_000) -> float:
+    """The size cut-off by a rule stated from the renders, never fitted to generations: the midpoint between
+    the largest extent of a 'small' render and the smallest extent of a 'large' one (renders: small 10-15 px,
+    large 19-25 px, so 17.0). ``SIZE_THRESHOLD`` is this value; a test recomputes it."""
+    items = scenes(n, seed)
+    extent = Judge.measure(np.stack([render(s) for s in items]))["extent"]
+    small = np.array([s.size == "small" for s in items])
+    return float((extent[small].max() + extent[~small].min()) / 2)
 
 
 # ----- training the shape classifier -----

@@ -120,6 +120,41 @@ def _change(at0, at1, key, fmt) -> str:
     return (fmt.format(at0[key]) + " → " if at0 is not None else "") + fmt.format(at1[key])
 
 
+def paired_gains(edits: pd.DataFrame, baseline: str = "prompt-only", n_boot: int = 1000) -> pd.DataFrame:
+    """Success at alpha 1 of every mode minus ``baseline``'s, paired over the same edits (same sources,
+    targets and noise), per model, level and attribute, with a 95% bootstrap CI over edits."""
+    rng = np.random.default_rng(0)
+    at1 = edits[edits.alpha == 1.0]
+    out = []
+    for (model, level, attr), g in at1.groupby(["model", "level", "attribute"], sort=False):
+        base = g[g["mode"] == baseline].set_index("edit").success.astype(float)
+        for mode, m in g[g["mode"] != baseline].groupby("mode", sort=False):
+            d = (m.set_index("edit").success.astype(float) - base).dropna().values
+            boot = rng.choice(d, (n_boot, len(d))).mean(1)
+            out.append({"model": model, "level": level, "log_snr": g.log_snr.iloc[0], "attribute": attr, "mode": mode,
+                        "baseline": baseline, "baseline_success": base.mean(), "gain": d.mean(),
+                        "gain_lo": np.percentile(boot, 2.5), "gain_hi": np.percentile(boot, 97.5), "n": len(d)})
+    return pd.DataFrame(out)
+
+
+def gains_table(gains: pd.DataFrame) -> str:
+    """Markdown: each mode's paired gain in success over the baseline, one row per (attribute, level, model)."""
+    if gains.empty:
+        return ""
+    modes = list(dict.fromkeys(gains["mode"]))
+    base = gains.baseline.iloc[0]
+    lines = [f"Success at α = 1 minus {base}'s, paired over the same edits (points, 95% bootstrap CI):", "",
+             f"| attribute | log-SNR | model | {base} | " + " | ".join(modes) + " |", "|---|---|---|---|" + "---|" * len(modes)]
+    for (attr, level, model), g in gains.sort_values(["attribute", "log_snr", "model"]).groupby(
+            ["attribute", "level", "model"], sort=False):
+        g = g.set_index("mode")
+        cells = [f"{100 * g.gain[m]:+.0f} [{100 * g.gain_lo[m]:+.0f}, {100 * g.gain_hi[m]:+.0f}]" if m in g.index else "–"
+                 for m in modes]
+        lines.append(f"| {attr} | {g.log_snr.iloc[0]:.2f} | {model} | {g.baseline_success.iloc[0]:.0%} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(summary: pd.DataFrame) -> str:
     """Success and preservation at alpha = 1, the score slope, the image side against the truth, and
     bidirectional return, per model and mode."""
@@ -182,8 +217,9 @@ def _compute(ctx, unit: Unit, cfg: ToyEditConfig):
 def _report(cfg: ToyEditConfig, results, out) -> Report:
     edits = pd.concat([r.frame for r in results], ignore_index=True)
     summary = summarise(edits, cfg.bootstrap)
-    table = markdown_table(summary)
-    return Report(summary, files={"edits.csv": edits, "summary.csv": summary, "table.md": table},
+    gains = paired_gains(edits, n_boot=cfg.bootstrap) if "prompt-only" in cfg.modes else pd.DataFrame()
+    table = markdown_table(summary) + ("\n" + gains_table(gains) if len(gains) else "")
+    return Report(summary, files={"edits.csv": edits, "summary.csv": summary, "gains.csv": gains, "table.md": table},
                   figures={"editing-toy-curves.png": plot_curves(summary[summary.paper_start.astype(bool)]),
                            "editing-toy-levels.png": plot_against_log_snr(
                                summary[summary.alpha == 1.0], "success", "attribute", "mode", "success at α = 1"),

@@ -263,6 +263,51 @@ def test_unet_layers_at_their_own_resolution(pipes):
     assert maps.word_map("red").shape == (16, 16)
 
 
+@pytest.mark.parametrize("height,width", [(56, 128), (128, 56)])
+def test_deep_unet_grids_at_non_square_sizes_come_from_the_real_shape(pipes, height, width):
+    """An SD2.1-shaped UNet (3 cross-attention levels and a plain one; the tiny VAE halves the image): a
+    28x64 latent halves, rounding up, to 14x32, 7x16 and 4x8 (the mid block). A grid guessed from the
+    token count (32 at the mid block) would be 4x9. Every layer's grid is the real one, and its stored
+    map is the reference's, pixel for pixel. (SD2.1 itself at 360x640: 45x80 -> 23x40 -> 12x20.)"""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    base = pipes("tiny-unet")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
+        attention_head_dim=(2, 2, 4, 4), use_linear_projection=True, norm_num_groups=8).eval()
+    pipe = StableDiffusionPipeline(**{**base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    ad = get_adapter(pipe)
+    sites = ad.sites(recordable_only=True)
+    cap = InputCapture(ad.denoiser, [s.path for s in sites])
+    try:
+        with record(pipe, words=["red"], heads="keep") as maps:
+            generate(pipe, PROMPTS[:1], steps=1, height=height, width=width)
+    finally:
+        cap.close()
+    lat = (height // 2, width // 2)
+    levels = [lat]
+    for _ in range(3):
+        levels.append(tuple(-(-v // 2) for v in levels[-1]))  # ceil: a stride-2 conv with padding 1
+    assert levels[3] == ((4, 8) if height < width else (8, 4))
+    red = ad.word_positions(PROMPTS[0], "red")
+    for site in sites:
+        level = int(site.name.split(".")[1])
+        want = levels[level] if site.name.startswith("down") else levels[3 - level] if site.name.startswith("up") else levels[3]
+        assert maps.grids[site.name] == want, site.name
+        args, kwargs, tl = cap.calls[site.path][0]
+        ref = reference_probs("cross", ad.module(site), args, kwargs, tl).chunk(2)[1]  # the cond rows
+        ref = ref[..., red["clip"]].sum(-1).reshape(1, -1, *want)  # (batch, head, y, x)
+        got = maps.tensor("red", layer=site.name)[0, 0, 0, :, :, 0]  # (batch, head, y, x)
+        assert (got - ref).abs().max().item() < 1e-5, site.name
+    with record(pipe, words=["red"]) as maps:  # heads averaged: every layer stacks at the largest grid
+        generate(pipe, PROMPTS[:1], steps=1, height=height, width=width)
+    assert maps.word_map("red").shape == levels[0]
+
+
 # ----- bad input -----
 def test_unknown_layer_lists_what_exists(pipes):
     with pytest.raises(KeyError, match=r"unknown layer 'block\.09\.joint'.*block\.00\.joint, block\.01\.joint"):

@@ -36,6 +36,9 @@ class AttentionSite:
     path: str  # module path inside the denoiser, e.g. "transformer_blocks.7.attn"
     kind: str
     note: str = ""
+    # where the layer's image grid is read: a module whose input hidden_states is (B, C, H, W) at the
+    # layer's own resolution (UNet: its Transformer2DModel). "" = the denoiser's token grid (DiTs)
+    grid_path: str = ""
 
     @property
     def has_text(self) -> bool:

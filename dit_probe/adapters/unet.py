@@ -29,7 +29,8 @@ class UNetAdapter(Adapter):
                 block, att, tb = "0", parts[2], parts[4]
             else:
                 block, att, tb = parts[1], parts[3], parts[5]
-            sites.append(AttentionSite(f"{where}.{block}.{att}.{tb}.cross", path, CROSS))
+            grid_path = ".".join(parts[: parts.index("attentions") + 2])  # the Transformer2DModel: 4D input
+            sites.append(AttentionSite(f"{where}.{block}.{att}.{tb}.cross", path, CROSS, grid_path=grid_path))
         order = {"down": 0, "mid": 1, "up": 2}
         return sorted(sites, key=lambda s: (order[s.name.split(".")[0]], [int(p) for p in s.name.split(".")[1:4]]))
 

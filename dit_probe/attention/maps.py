@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import os
 from pathlib import Path
 
@@ -61,9 +60,12 @@ class AttentionMaps:
             data = total / denom[:, :, None, None, None]
             mass = g.mass[(layer, step)] / denom[:, :, None, None] if (layer, step) in g.mass else None
             per_layer.setdefault(layer, {})[step] = (data, mass)
-            if layer not in self.grids:
-                f = math.sqrt(base_h * base_w / n)  # UNet layers sit at lower resolutions
-                self.grids[layer] = (round(base_h / f), round(base_w / f))
+            if layer not in self.grids:  # the layer's real grid (UNet levels), else the denoiser's token grid
+                h, w = g.layer_grids.get(layer, (base_h, base_w))
+                if h * w != n:
+                    raise RuntimeError(f"layer {layer}: {n} image tokens do not fill its {h}x{w} grid; the "
+                                       f"{adapter.family} adapter reads the wrong spatial shape (a bug: please report)")
+                self.grids[layer] = (h, w)
         self._chunks.append({"batch": g.batch, "layers": per_layer})
         prompts = g.prompts or [None]
         n_per = max(1, g.batch // len(prompts))

@@ -355,6 +355,7 @@ class _Generation:
     layouts: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # (layer, step) -> (sum (branch, batch, head, token, n), count (branch, batch))
     mass: dict = field(default_factory=dict)
+    layer_grids: dict = field(default_factory=dict)  # layer -> (h, w) read from its real input (UNet levels)
 
 
 class Recorder:
@@ -399,6 +400,7 @@ class Recorder:
         self._pending_prompt = None
         self._prompt_taken = False
         self._undo = contextlib.ExitStack()
+        self._spatial: dict[str, tuple[int, int]] = {}  # grid_path -> (H, W) of its latest input
 
     # ----- context -----
     def __enter__(self) -> AttentionMaps:
@@ -407,6 +409,10 @@ class Recorder:
                 self._swap_processor(undo, site)
             hook = self.adapter.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
             undo.callback(hook.remove)
+            for path in dict.fromkeys(s.grid_path for s in self.sites if s.grid_path):
+                module = self.adapter.denoiser.get_submodule(path)
+                hook = module.register_forward_pre_hook(self._on_grid_input(path), with_kwargs=True)
+                undo.callback(hook.remove)
             self._watch_encode_prompt(undo)
             _install()
             undo.callback(_uninstall)
@@ -537,6 +543,15 @@ class Recorder:
         return targets
 
     # ----- the attention computation -----
+    def _on_grid_input(self, path: str):
+        """A pre-hook that notes the spatial size (H, W) of a module's 4D input: a UNet level's real grid,
+        which its token count alone cannot give (downsampling rounds odd sizes up)."""
+        def hook(module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            if x is not None and x.ndim == 4:
+                self._spatial[path] = (int(x.shape[-2]), int(x.shape[-1]))
+        return hook
+
     def _attend(self, site, q, k, v, attn_mask, dropout_p, is_causal, scale, kw):
         if is_causal:
             raise ValueError(f"layer {site.name}: causal attention is not text-to-image attention")
@@ -564,6 +579,8 @@ class Recorder:
         step = -1 if self.mean_over_steps else g.step
         key = (site.name, step)
         nb, batch = len(self.branches), g.batch
+        if site.grid_path and site.name not in g.layer_grids:
+            g.layer_grids[site.name] = self._spatial[site.grid_path]
         if key not in g.data:  # running sums and counts, per (branch, batch item)
             h, t, n = maps.shape[1:]
             g.data[key] = (torch.zeros(nb, batch, h, t, n), torch.zeros(nb, batch))

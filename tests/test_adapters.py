@@ -204,6 +204,16 @@ def test_locate_word_repeated_word_is_its_first_occurrence():
                         [(0, 0)] + spans + [(0, 0)])
     assert locate_word(prompt, "red", [clip]) == {"clip": [2]}  # not [6], not [2, 6]
     assert locate_word(prompt, "red hat", [clip]) == {"clip": [6, 7]}  # the phrase occurs once, later
+    # the other choices: every occurrence, or the k-th
+    assert locate_word(prompt, "red", [clip], occurrence="all") == {"clip": [2, 6]}
+    assert locate_word(prompt, "red", [clip], occurrence=2) == {"clip": [6]}
+    assert locate_word(prompt, "a", [clip], occurrence=1) == {"clip": [1]}
+    assert locate_word(prompt, "red", [clip], occurrence="all", split_words="refuse") == {"clip": [2, 6]}
+    with pytest.raises(KeyError, match="occurs 2 time.*occurrence=3 does not exist"):
+        locate_word(prompt, "red", [clip], occurrence=3)
+    for bad in (0, -1, "last", True, 1.5):
+        with pytest.raises(ValueError, match="occurrence must be"):
+            locate_word(prompt, "red", [clip], occurrence=bad)
 
 
 def test_locate_word_absent_word_is_a_clear_error():

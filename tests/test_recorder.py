@@ -308,6 +308,25 @@ def test_deep_unet_grids_at_non_square_sizes_come_from_the_real_shape(pipes, hei
     assert maps.word_map("red").shape == levels[0]
 
 
+def test_a_repeated_word_records_the_occurrence_asked_for(pipes):
+    """'first' (the default), the k-th, or 'all': the sum of every occurrence's maps."""
+    pipe = pipes("tiny-unet")
+    prompt = "a red car and a red hat"
+    got = {}
+    for occ in ("first", 2, "all"):
+        with record(pipe, words=["red"], occurrence=occ) as maps:
+            generate(pipe, [prompt], steps=1)
+        got[occ] = maps.tensor("red")
+    with record(pipe, tokens=[2, 6]) as maps:  # "red" sits at positions 2 and 6 of this prompt (BOS at 0)
+        generate(pipe, [prompt], steps=1)
+    first, second = maps.tensor(2), maps.tensor(6)
+    assert torch.allclose(got["first"], first) and torch.allclose(got[2], second)
+    assert not torch.allclose(first, second)
+    assert torch.allclose(got["all"], first + second, atol=1e-7)
+    with pytest.raises(ValueError, match="occurrence must be"):
+        record(pipe, words=["red"], occurrence=0).__enter__()
+
+
 # ----- bad input -----
 def test_unknown_layer_lists_what_exists(pipes):
     with pytest.raises(KeyError, match=r"unknown layer 'block\.09\.joint'.*block\.00\.joint, block\.01\.joint"):

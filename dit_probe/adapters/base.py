@@ -209,11 +209,12 @@ class Adapter:
         """The tokens of ``prompt`` in each stream (padding dropped)."""
         return {st.name: st.visible() for st in self.tokenize(prompt, text_len)}
 
-    def word_positions(self, prompt: str, word: str, text_len: int | None = None) -> dict[str, list[int]]:
+    def word_positions(self, prompt: str, word: str, text_len: int | None = None,
+                       occurrence: str | int = "first") -> dict[str, list[int]]:
         """Positions of ``word`` in the denoiser's text sequence, per stream: ``locate_word`` on the
         pipeline's own tokenization of ``prompt``."""
         _require_text(prompt)  # before tokenizing: a None prompt would fail inside the tokenizer
-        return locate_word(prompt, word, self.tokenize(prompt, text_len))
+        return locate_word(prompt, word, self.tokenize(prompt, text_len), occurrence=occurrence)
 
     @staticmethod
     def encoded_prompt(call_args: tuple, call_kwargs: dict):
@@ -328,10 +329,19 @@ def _require_text(prompt) -> None:
         raise ValueError("the prompt is empty: there are no words to record; give token indices instead")
 
 
-def locate_word(prompt: str, word: str, streams: Sequence[StreamTokens], split_words: str = "sum") -> dict[str, list[int]]:
+def check_occurrence(occurrence) -> None:
+    if not (occurrence in ("first", "all") or (isinstance(occurrence, int) and not isinstance(occurrence, bool)
+                                               and occurrence >= 1)):
+        raise ValueError(f"occurrence must be 'first', 'all' or a number >= 1 (the k-th occurrence), got {occurrence!r}")
+
+
+def locate_word(prompt: str, word: str, streams: Sequence[StreamTokens], split_words: str = "sum",
+                occurrence: str | int = "first") -> dict[str, list[int]]:
     """Positions of ``word`` (a word or phrase) of ``prompt`` in the denoiser's text sequence, per stream.
 
-    The first occurrence counts; matching is whole-word and case-insensitive. A token belongs to the
+    ``occurrence``: which occurrence of a repeated word counts: "first" (the default), "all" (every
+    occurrence's positions, so their maps are summed) or k >= 1 (the k-th; one that does not exist raises
+    KeyError saying how many there are). Matching is whole-word and case-insensitive. A token belongs to the
     word when its character span overlaps the word's, so every piece of a word the tokenizer splits is
     included (its maps are then summed); ``split_words="refuse"`` raises ValueError for a split word
     instead. A stream where the word was truncated away is left out; a word in no stream raises
@@ -339,23 +349,30 @@ def locate_word(prompt: str, word: str, streams: Sequence[StreamTokens], split_w
     """
     if split_words not in ("sum", "refuse"):
         raise ValueError(f"split_words must be 'sum' or 'refuse', got {split_words!r}")
+    check_occurrence(occurrence)
     _require_text(prompt)
-    m = re.search(r"(?<!\w)" + re.escape(word.strip()) + r"(?!\w)", prompt, flags=re.IGNORECASE)
+    found = [m.span() for m in re.finditer(r"(?<!\w)" + re.escape(word.strip()) + r"(?!\w)", prompt, flags=re.IGNORECASE)]
+    if isinstance(occurrence, int) and found:
+        if occurrence > len(found):
+            raise KeyError(f"word {word!r} occurs {len(found)} time(s) in prompt {prompt!r}; occurrence={occurrence} "
+                           "does not exist")
+        found = [found[occurrence - 1]]
+    elif occurrence == "first":
+        found = found[:1]
     out: dict[str, list[int]] = {}
-    if m:
-        lo, hi = m.span()
+    for lo, hi in found:
         for st in streams:
             # enumerate every position (BOS included) so that index + offset is the sequence position
             pos = [st.offset + i for i, (a, b) in enumerate(st.spans) if b > a and a < hi and b > lo]
             if pos:
-                out[st.name] = pos
+                out.setdefault(st.name, []).extend(p for p in pos if p not in out.get(st.name, []))
     if not out:
         raise KeyError(
             f"word {word!r} is not in prompt {prompt!r} (or was truncated away); the prompt's tokens are: "
             + "; ".join(f"{st.name}: {st.visible()}" for st in streams)
         )
     if split_words == "refuse":
-        n_words = len(word.split())  # a phrase takes one token per word when none of its words is split
+        n_words = len(word.split()) * len(found)  # one token per word when none of its words is split
         split = {
             st.name: [st.tokens[p - st.offset] for p in out[st.name]]
             for st in streams

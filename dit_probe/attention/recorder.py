@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import get_adapter
-from ..adapters.base import CROSS, AttentionSite, as_list, ensure_prompts
+from ..adapters.base import CROSS, AttentionSite, as_list, check_occurrence, ensure_prompts
 from .maps import AttentionMaps
 
 _tls = threading.local()  # .capture: the _Capture of the processor call running on this thread
@@ -373,10 +373,13 @@ class Recorder:
         mean_over_steps: bool = False,
         method: str = "auto",
         chunk_size: int = 1024,
+        occurrence: str | int = "first",
     ):
         self.adapter = get_adapter(pipe)
         self.pipe = self.adapter.pipe
         self.words = _word_specs(words)
+        check_occurrence(occurrence)
+        self.occurrence = occurrence
         self.token_indices = [int(i) for i in as_list(tokens)]
         if not self.words and not self.token_indices:
             raise ValueError("nothing to record: give words=[...] and/or tokens=[...] (text-sequence indices)")
@@ -534,7 +537,7 @@ class Recorder:
             index = min(item // n_per, len(g.prompts) - 1)
             for label, spec in self.words:
                 word = _word_for_prompt(label, spec, index, len(g.prompts))
-                found = self.adapter.word_positions(g.prompts[index], word, g.text_len)
+                found = self.adapter.word_positions(g.prompts[index], word, g.text_len, self.occurrence)
                 targets += [found.get(s, []) for s in streams]
         for i in self.token_indices:
             if not -g.text_len <= i < g.text_len:
@@ -634,7 +637,8 @@ def record(pipe, words=None, tokens=None, layers=None, steps=None, heads="mean",
     steps: step indices (negative from the end); default all. heads: 'mean' or 'keep'.
     branch: 'cond' (default), 'uncond' or 'both'. prompt: the prompt(s) when the pipeline is called
         with prompt_embeds. Options: text_mass (default True), mean_over_steps, method
-        ('auto', 'chunked', 'naive'), chunk_size.
+        ('auto', 'chunked', 'naive'), chunk_size, occurrence: which occurrence of a word that appears
+        more than once is recorded: 'first' (the default), 'all' (their maps summed) or k (the k-th, from 1).
     """
     rec = Recorder(pipe, words, tokens, layers, steps, heads, branch, prompt, **options)
     with rec as maps:

@@ -308,6 +308,35 @@ def test_deep_unet_grids_at_non_square_sizes_come_from_the_real_shape(pipes, hei
     assert maps.word_map("red").shape == levels[0]
 
 
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5"])
+def test_skip_layer_guidance_call_is_kept_apart_from_the_cfg_branches(pipes, name):
+    """With skip_guidance_layers the SD3 pipeline calls the transformer a second time per step (the
+    conditional rows, some blocks skipped). Both branches of 2 prompts must equal the reference of the
+    step's CFG call; the extra call must not be averaged in or take the CFG rows' places."""
+    pipe = pipes(name)
+    ad = get_adapter(pipe)
+    sites = ad.sites(recordable_only=True)
+    cap = InputCapture(ad.denoiser, [s.path for s in sites])
+    slg = dict(skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    try:
+        with record(pipe, tokens=list(range(32)), heads="keep", branch="both") as maps:
+            generate(pipe, PROMPTS, steps=3, **slg)
+    finally:
+        cap.close()
+    assert len(cap.calls[sites[-1].path]) == 5  # 3 CFG calls, and the skip-layer calls at steps 1 and 2
+    worst = 0.0
+    for site in sites:
+        calls = cap.calls[site.path]  # the skipped block 0 runs no attention in the extra calls
+        got = maps.tensor(layer=site.name, branch=None)[:, 0].flatten(-2)  # (step, branch, batch, head, token, n)
+        step_calls = [c for c in calls if c[1]["hidden_states"].shape[0] == 4]  # the CFG calls: 2 x 2 rows
+        assert len(step_calls) == 3
+        for step, (args, kwargs, tl) in enumerate(step_calls):
+            ref = reference_probs(_ref_kind(site), ad.module(site), args, kwargs, tl)
+            ref = torch.stack(ref.chunk(2)).transpose(-1, -2)  # (branch, batch, head, text, n)
+            worst = max(worst, (got[step] - ref).abs().max().item())
+    assert worst < 1e-5, worst
+
+
 def test_a_repeated_word_records_the_occurrence_asked_for(pipes):
     """'first' (the default), the k-th, or 'all': the sum of every occurrence's maps."""
     pipe = pipes("tiny-unet")

@@ -14,6 +14,9 @@ from .base import IMAGE_SELF, JOINT_IMAGE_TEXT, Adapter, AttentionSite, Conditio
 from .flow import FlowMatchingMaths
 
 
+SKIP_LAYER_GUIDANCE = "skip-layer guidance"  # a branch label no recording selects
+
+
 class SD3Adapter(FlowMatchingMaths, Adapter):
     family = "sd3"
     denoiser_attr = "transformer"
@@ -53,6 +56,14 @@ class SD3Adapter(FlowMatchingMaths, Adapter):
         if t5_len > 0 and self.pipe.tokenizer_3 is not None:
             streams.append(TextStream("t5", self.pipe.tokenizer_3, clip_len, t5_len))
         return streams
+
+    def branches(self, batch_rows, call_in_step):
+        """[uncond | cond] in the step's first call. A second call at the same timestep is skip-layer
+        guidance (``skip_guidance_layers``): the conditional rows again, with some blocks skipped. It is
+        labelled apart, so it is never averaged into, or mistaken for, the CFG branches."""
+        if call_in_step > 0:
+            return [SKIP_LAYER_GUIDANCE] * batch_rows
+        return super().branches(batch_rows, call_in_step)
 
     def image_grid(self, call_args, call_kwargs):
         x = self.latent_input(call_args, call_kwargs)

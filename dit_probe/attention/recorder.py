@@ -460,6 +460,8 @@ class Recorder:
         if g.batch is None:
             g.batch = sum(1 for b in branch_of_row if b == branch_of_row[-1])
         g.rows, g.row_branch, g.row_item = _select_rows(branch_of_row, self.branches)
+        if not g.rows:  # a call with none of the recorded branches (e.g. SD3's skip-layer guidance call)
+            return
         g.text_len = self.adapter.text_length(kwargs)
         g.grid = self.adapter.image_grid(args, kwargs)
         layout = (tuple(g.rows), tuple(g.row_branch), tuple(g.row_item), g.text_len)
@@ -565,6 +567,8 @@ class Recorder:
 
     def _record(self, site, q, k, attn_mask, scale, kernel_lse):
         g = self._gen
+        if not g.rows:
+            return
         r = _ImageRows.select(site, g.text_len, g.row_index, q, k, attn_mask, scale, kernel_lse)
         if self._lse.full_softmax:
             probs, mass = self._lse.text_probs_and_mass(r, g.cols)

@@ -337,6 +337,20 @@ def test_skip_layer_guidance_call_is_kept_apart_from_the_cfg_branches(pipes, nam
     assert worst < 1e-5, worst
 
 
+def test_pipelines_whose_calls_would_be_misread_are_refused(pipes):
+    from diffusers import HeunDiscreteScheduler, StableDiffusion3PAGPipeline
+
+    base = pipes("tiny-unet")
+    heun = type(base)(**{**base.components, "scheduler": HeunDiscreteScheduler.from_config(base.scheduler.config)})
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler is of order 2.*first-order scheduler"):
+        record(heun, words=["red"]).__enter__()
+    sd3 = pipes("tiny-sd3")
+    parts = {k: v for k, v in sd3.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pag = StableDiffusion3PAGPipeline(**parts, pag_applied_layers=["blocks.0"])
+    with pytest.raises(ValueError, match="perturbed-attention-guidance pipeline.*StableDiffusion3Pipeline"):
+        record(pag, words=["red"]).__enter__()
+
+
 def test_a_repeated_word_records_the_occurrence_asked_for(pipes):
     """'first' (the default), the k-th, or 'all': the sum of every occurrence's maps."""
     pipe = pipes("tiny-unet")

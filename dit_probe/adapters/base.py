@@ -145,6 +145,22 @@ class Adapter:
     def module(self, site: AttentionSite) -> torch.nn.Module:
         return self.denoiser.get_submodule(site.path)
 
+    def check_recordable(self) -> None:
+        """Refuse, with what to do, a pipeline whose denoiser calls the recorder would misread: PAG
+        pipelines (a perturbed branch batched with the CFG rows, through their own processors) and
+        schedulers of order 2 (Heun, KDPM2: two denoiser calls per step at different timesteps, which
+        would be counted as two steps)."""
+        name = type(self.pipe).__name__
+        if "PAG" in name:
+            raise ValueError(f"{name} is a perturbed-attention-guidance pipeline: its perturbed rows are batched "
+                             "with the CFG rows and would be misread. Record the plain pipeline "
+                             f"({name.replace('PAG', '')}) instead")
+        order = getattr(self.pipe.scheduler, "order", 1)
+        if order > 1:
+            raise ValueError(f"the scheduler {type(self.pipe.scheduler).__name__} is of order {order}: it calls the "
+                             "denoiser more than once per step at different timesteps, so steps would be miscounted. "
+                             "Record with a first-order scheduler (e.g. the pipeline's default)")
+
     def select_sites(self, layers=None) -> list[AttentionSite]:
         """Resolve a layer selection: None (all with text keys), or a list of canonical names, glob
         patterns ('block.*.joint') or integer indices into the recordable layers."""

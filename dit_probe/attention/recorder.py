@@ -376,6 +376,7 @@ class Recorder:
         occurrence: str | int = "first",
     ):
         self.adapter = get_adapter(pipe)
+        self.adapter.check_recordable()
         self.pipe = self.adapter.pipe
         self.words = _word_specs(words)
         check_occurrence(occurrence)

@@ -50,6 +50,10 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+class PipelineFolderError(ValueError):
+    """A local pipeline folder that cannot be read (the message names the file and what to do)."""
+
+
 class WeightsUnavailableError(RuntimeError):
     pass
 
@@ -144,9 +148,18 @@ def _pipeline_class_of(folder: Path):
     index = folder / "model_index.json"
     if not index.exists():
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
-    meta = json.loads(index.read_text())
+    try:
+        meta = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PipelineFolderError(f"{index} is not valid JSON ({err}): restore it from the pipeline's source "
+                                  "(re-download or re-save the pipeline)") from None
+    cls = getattr(diffusers, meta.get("_class_name", "") if isinstance(meta, dict) else "", None)
+    if cls is None:
+        got = meta.get("_class_name") if isinstance(meta, dict) else None
+        raise PipelineFolderError(f"{index} names no diffusers pipeline class (_class_name: {got!r}): restore it from "
+                                  "the pipeline's source (re-download or re-save the pipeline)")
     absent = [k for k, v in meta.items() if isinstance(v, list) and v == [None, None]]
-    return getattr(diffusers, meta["_class_name"]), absent
+    return cls, absent
 
 
 def _from_pretrained(cls, where, torch_dtype, spec: ModelSpec | None = None, **kwargs):

@@ -251,6 +251,19 @@ def test_save_and_load_roundtrip(pipes, tmp_path):
         back.tensor()
     with pytest.raises(FileNotFoundError, match="maps.json"):
         AttentionMaps.load(tmp_path / "nothing")
+    # damaged folders: one line naming the file and what to do, never a raw library error
+    import shutil
+
+    from dit_probe.attention import MapsFileError
+
+    for name, damage in (("maps.safetensors", lambda b: b[: len(b) // 2]), ("maps.safetensors", lambda b: b"x" * 10),
+                         ("maps.json", lambda b: b[:-5]), ("maps.json", lambda b: b'{"family": "unet"}')):
+        bad = tmp_path / f"bad-{name}-{len(damage(b'0123456789'))}"
+        shutil.copytree(tmp_path / "m", bad)
+        (bad / name).write_bytes(damage((bad / name).read_bytes()))
+        with pytest.raises(MapsFileError, match="record and save it again") as err:
+            AttentionMaps.load(bad)
+        assert str(bad) in str(err.value)
 
 
 def test_unet_layers_at_their_own_resolution(pipes):

@@ -5,7 +5,7 @@ import torch
 
 from dit_probe import AttentionMaps, MODELS, load_pipeline
 from dit_probe.cli import main
-from dit_probe.registry import WeightsUnavailableError
+from dit_probe.registry import PipelineFolderError, WeightsUnavailableError
 
 
 def test_registry_has_the_paper_models_and_settings():
@@ -41,6 +41,21 @@ def test_local_folder_loads_the_same_pipeline(pipes, tmp_path):
     assert (a - b).abs().max() < 1e-5
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_pipeline(str(tmp_path))
+
+
+def test_a_damaged_pipeline_folder_names_the_file(pipes, tmp_path, capsys):
+    pipes("tiny-unet").save_pretrained(tmp_path / "p")
+    index = tmp_path / "p" / "model_index.json"
+    good = index.read_text()
+    for text, says in ((good[: len(good) // 2], "is not valid JSON"), ('{"unet": ["diffusers", "UNet2DConditionModel"]}',
+                                                                       "names no diffusers pipeline class")):
+        index.write_text(text)
+        with pytest.raises(PipelineFolderError, match=f"model_index.json {says}.*re-download or re-save"):
+            load_pipeline(str(tmp_path / "p"))
+        code = main(["record", "--model", str(tmp_path / "p"), "--prompt", "a red car", "--word", "red",
+                     "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err and "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_real_model_without_weights_says_how_to_get_them():

@@ -30,6 +30,10 @@ AXES = ("step", "layer", "branch", "batch", "head", "token", "y", "x")
 FORMAT_VERSION = 1
 
 
+class MapsFileError(ValueError):
+    """A saved AttentionMaps folder that cannot be read (the message names the file and what to do)."""
+
+
 class AttentionMaps:
     def __init__(self, family, layers, layer_kinds, branches, heads_mode):
         self.family = family
@@ -257,13 +261,23 @@ class AttentionMaps:
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise FileNotFoundError(f"not a saved AttentionMaps folder: missing {', '.join(missing)}")
-        meta = json.loads(files[0].read_text())
-        tensors = load_file(str(files[1]))
-        m = cls(meta["family"], meta["layers"], meta["layer_kinds"], meta["branches"], meta["heads"])
-        m.tokens, m.prompts, m.timesteps = meta["tokens"], meta["prompts"], meta["timesteps"]
-        m.grids = {k: tuple(v) for k, v in meta["grids"].items()}
-        m._steps = meta["steps"]
-        m._data = {k: tensors[f"maps::{k}"] for k in m.layers}
-        m._mass = {k: tensors.get(f"mass::{k}") for k in m.layers}
+        redo = "it is damaged (an interrupted copy or save?): record and save it again"
+        try:
+            meta = json.loads(files[0].read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise MapsFileError(f"{files[0]} is not valid JSON ({err}); {redo}") from None
+        try:
+            tensors = load_file(str(files[1]))
+        except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a bad file
+            raise MapsFileError(f"{files[1]} cannot be read ({err}); {redo}") from None
+        try:
+            m = cls(meta["family"], meta["layers"], meta["layer_kinds"], meta["branches"], meta["heads"])
+            m.tokens, m.prompts, m.timesteps = meta["tokens"], meta["prompts"], meta["timesteps"]
+            m.grids = {k: tuple(v) for k, v in meta["grids"].items()}
+            m._steps = meta["steps"]
+            m._data = {k: tensors[f"maps::{k}"] for k in m.layers}
+            m._mass = {k: tensors.get(f"mass::{k}") for k in m.layers}
+        except (KeyError, TypeError, AttributeError) as err:
+            raise MapsFileError(f"{path} does not hold a complete AttentionMaps (missing {err}); {redo}") from None
         m._chunks = [None]  # loaded: built already
         return m

@@ -46,14 +46,18 @@ def sde_terms(x, x_hat, x_tilde, norm: str = "rms") -> dict[str, np.ndarray]:
     return {"kept": kept, "flipped": flipped, "ratio": ratio, "sde": ratio + flipped}
 
 
-def sde(editor, images, prompts, flipped_prompts, seeds=0, norm: str = "rms") -> dict[str, np.ndarray]:
+def sde(editor, images, prompts, flipped_prompts, seeds=0, norm: str = "rms", omitted_prompts=None) -> dict[str, np.ndarray]:
     """SDE of each image with an ``EIMEditor`` (its strength is t): one encoding (VAE + forward noise from
     ``seeds``), denoised once under ``prompts`` and once under ``flipped_prompts``. Returns the terms of
-    ``sde_terms`` plus the two reconstructions (uint8) and the timestep."""
+    ``sde_terms`` plus the two reconstructions (uint8) and the timestep. With ``omitted_prompts`` (the
+    captions without the attribute: Eq. 2's precondition), also ``x_omit`` from the same encoding."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose from {NORMS}")
     enc = editor.encode(images, prompts, seeds)
     x_hat = editor.reconstruct(enc)
     x_tilde = editor.reconstruct(enc, flipped_prompts)
     x = np.stack([np.asarray(im) for im in images]) if not isinstance(images, np.ndarray) else images
-    return {**sde_terms(x, x_hat, x_tilde, norm), "x_hat": x_hat, "x_tilde": x_tilde, "timestep": float(enc.t)}
+    out = {**sde_terms(x, x_hat, x_tilde, norm), "x_hat": x_hat, "x_tilde": x_tilde, "timestep": float(enc.t)}
+    if omitted_prompts is not None:
+        out["x_omit"] = editor.reconstruct(enc, omitted_prompts)
+    return out

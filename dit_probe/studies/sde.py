@@ -89,12 +89,11 @@ def run_unit(editor, source, attribute: str, cfg: SDEConfig, level: dict | None 
     flipped_labels = [{**lab, attribute: source.flip(attribute, lab[attribute])} for lab in labels]
     seeds = [cfg.seed * 1_000_003 + i * 101 + j for i in range(len(items)) for j in range(cfg.seeds)]
     captions = [source.caption(lab) for lab in labels]
-    res = sde(editor, images, captions, [source.caption(lab) for lab in flipped_labels], seeds, cfg.norm)
-    # the precondition, from the same noised latents: does the caption without the attribute keep it?
-    enc = editor.encode(images, captions, seeds)
-    omitted = editor.reconstruct(enc, [source.caption(lab, drop=(attribute,)) for lab in labels])
+    # the precondition from the same noised latents: does the caption without the attribute keep it?
+    res = sde(editor, images, captions, [source.caption(lab) for lab in flipped_labels], seeds, cfg.norm,
+              omitted_prompts=[source.caption(lab, drop=(attribute,)) for lab in labels])
     judge = source.judge
-    kept_reads, flip_reads, omit_reads = judge.read(res["x_hat"]), judge.read(res["x_tilde"]), judge.read(omitted)
+    kept_reads, flip_reads, omit_reads = (judge.read(res[k]) for k in ("x_hat", "x_tilde", "x_omit"))
     frame = pd.DataFrame({
         "attribute": attribute, "image": np.arange(len(labels)) // cfg.seeds, "noise": np.arange(len(labels)) % cfg.seeds,
         "value": [lab[attribute] for lab in labels], "flipped_value": [lab[attribute] for lab in flipped_labels],

@@ -11,17 +11,18 @@ from dit_probe.toyworld import ATTRIBUTES, BACKGROUNDS, render
 
 
 def test_paired_gains_compare_the_same_edits():
-    """eim succeeds on edits 1 and 2 where prompt-only failed and fails on edit 3 where it succeeded: +1/4;
-    the edits are matched by index, not by row order."""
+    """eim succeeds on edit 2 where prompt-only failed, and agrees elsewhere: +1/4, and no paired difference
+    is negative. The edits are matched by index, not by row order (paired by rows, -1 and +1 would appear)."""
     rows = []
-    for mode, wins in (("prompt-only", [1, 0, 0, 1]), ("eim", [1, 1, 1, 0])):
-        order = [3, 0, 2, 1] if mode == "eim" else [0, 1, 2, 3]  # stored in another order
+    for mode, wins in (("prompt-only", [1, 1, 0, 0]), ("eim", [1, 1, 1, 0])):
+        order = [2, 3, 0, 1] if mode == "eim" else [0, 1, 2, 3]  # stored in another order
         rows += [{"model": "m", "level": "log_snr=-3", "log_snr": -3.0, "attribute": "color", "mode": mode,
                   "alpha": 1.0, "edit": k, "success": bool(wins[k])} for k in order]
     rows += [{**rows[0], "alpha": 0.0, "success": False}]  # other alphas do not count
     g = te.paired_gains(pd.DataFrame(rows), n_boot=500).iloc[0]
     assert g["mode"] == "eim" and g.baseline_success == 0.5 and g.gain == pytest.approx(0.25) and g.n == 4
     assert -1 <= g.gain_lo < 0.25 < g.gain_hi <= 1  # a CI over four paired differences of -1, 0 or +1
+    assert g.gain_lo == 0  # the paired differences are 0, 0, +1, 0: no resample goes below 0
     assert "| color | -3.00 | m | 50% | +25 [" in te.gains_table(te.paired_gains(pd.DataFrame(rows), n_boot=50))
 
 

@@ -34,13 +34,14 @@ def _rope(x, cos_sin):
     return x * cos + rotated * sin
 
 
-def reference_probs(kind, attn, args, kwargs, text_len):
-    """(b, h, n_img, n_text) probabilities for one attention call."""
+def reference_probs(kind, attn, args, kwargs, text_len, dtype=None):
+    """(b, h, n_img, n_text) probabilities for one attention call; the softmax in ``dtype`` (default:
+    the model's) from q and k computed in the model's dtype."""
     hs = kwargs.get("hidden_states", args[0] if args else None)
     ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     h = attn.heads
     if kind == "cross":  # UNet attn2: queries image, keys text
-        q, k = _heads(attn.to_q(hs), h), _heads(attn.to_k(ehs), h)
+        q, k = _heads(attn.to_q(hs), h).to(dtype or hs.dtype), _heads(attn.to_k(ehs), h).to(dtype or hs.dtype)
         return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
     q = _rms(_heads(attn.to_q(hs), h), attn.norm_q)
     k = _rms(_heads(attn.to_k(hs), h), attn.norm_k)
@@ -54,6 +55,7 @@ def reference_probs(kind, attn, args, kwargs, text_len):
     if kind.startswith("flux"):
         rope = kwargs.get("image_rotary_emb", args[3] if len(args) > 3 else None)
         q, k = _rope(q, rope), _rope(k, rope)
+    q, k = q.to(dtype or q.dtype), k.to(dtype or k.dtype)
     p = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)  # the full matrix: fine for a reference
     n = p.shape[-1]
     if kind == "sd3":

@@ -252,6 +252,16 @@ class Adapter:
     def image_grid(self, call_args: tuple, call_kwargs: dict) -> tuple[int, int]:
         raise NotImplementedError
 
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The denoiser's image-token grid (what ``image_grid`` reads from a call) for an image of
+        height x width pixels, as the pipeline sizes its latents."""
+        raise NotImplementedError
+
+    def layer_grid(self, site: AttentionSite, grid: tuple[int, int]) -> tuple[int, int]:
+        """The image-token grid at ``site`` when the denoiser's input grid is ``grid`` (the same for
+        every layer of a DiT)."""
+        return tuple(grid)
+
     def timestep_of(self, call_args: tuple, call_kwargs: dict) -> float:
         t = call_kwargs.get("timestep")
         if t is None and len(call_args) > 1:

@@ -56,6 +56,10 @@ class FluxAdapter(FlowMatchingMaths, Adapter):
         ids = ids[0] if ids.ndim == 3 else ids
         return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
 
+    def token_grid(self, height, width):
+        f = self.vae_scale_factor * 2  # latents are packed 2x2 into tokens
+        return height // f, width // f
+
     def branches(self, batch_rows, call_in_step):
         # FluxPipeline: cond call first, then (true CFG) the uncond call, at the same timestep
         return ["cond" if call_in_step == 0 else "uncond"] * batch_rows

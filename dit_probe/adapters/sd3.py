@@ -70,6 +70,10 @@ class SD3Adapter(FlowMatchingMaths, Adapter):
         p = self.denoiser.config.patch_size
         return x.shape[-2] // p, x.shape[-1] // p
 
+    def token_grid(self, height, width):
+        f = self.vae_scale_factor * self.denoiser.config.patch_size
+        return height // f, width // f
+
     def encode_prompt(self, prompt, negative_prompt="", do_cfg=True, max_sequence_length=None):
         pe, npe, pp, npp = self.pipe.encode_prompt(
             prompt=prompt,

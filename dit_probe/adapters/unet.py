@@ -45,6 +45,20 @@ class UNetAdapter(Adapter):
         x = self.latent_input(call_args, call_kwargs)
         return x.shape[-2], x.shape[-1]
 
+    def token_grid(self, height, width):
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def layer_grid(self, site, grid):
+        """Each down block but the last halves the grid, rounding up (a stride-2 convolution with padding
+        1); the mid block sits at the lowest level; up block j at the level of down block (n - 1 - j)."""
+        n = len(self.denoiser.config.down_block_types)
+        where, block = site.name.split(".")[:2]
+        level = {"down": int(block), "mid": n - 1, "up": n - 1 - int(block)}[where]
+        h, w = grid
+        for _ in range(level):
+            h, w = -(-h // 2), -(-w // 2)
+        return h, w
+
     # ----- maths: z = sqrt(a) x0 + sqrt(1 - a) eps, v = sqrt(a) eps - sqrt(1 - a) x0 -----
     def _alpha(self, t, like):
         ac = self.pipe.scheduler.alphas_cumprod

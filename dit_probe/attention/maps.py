@@ -45,6 +45,10 @@ class AttentionMaps:
         self.prompts: list[str | None] = []  # one per batch item
         self.timesteps: list[dict] = []  # per generation: step -> timestep
         self.grids: dict[str, tuple[int, int]] = {}
+        # layer -> {path: attention calls}: how its probabilities were computed. 'kernel': the row
+        # log-sum-exp came from the attention kernel itself; 'chunked': computed in query chunks (masks,
+        # autograd, kernels that do not return it); 'naive': the full softmax (method='naive')
+        self.paths: dict[str, dict[str, int]] = {}
         self._chunks: list[dict] = []  # per generation: {"batch", "steps": {layer: {step: (data, mass)}}}
         self._data: dict[str, torch.Tensor] | None = None
         self._mass: dict[str, torch.Tensor | None] | None = None
@@ -57,12 +61,8 @@ class AttentionMaps:
     def _add_generation(self, g, adapter) -> None:
         base_h, base_w = g.grid
         per_layer: dict[str, dict[int, tuple]] = {}
-        for (layer, step), (total, count) in g.data.items():
-            n = total.shape[-1]
-            denom = count.clone()
-            denom[denom == 0] = float("nan")  # a row never seen in this branch: NaN, not zero
-            data = total / denom[:, :, None, None, None]
-            mass = g.mass[(layer, step)] / denom[:, :, None, None] if (layer, step) in g.mass else None
+        for (layer, step), (data, mass) in g.final.items():  # means, already in the storage dtype
+            n = data.shape[-1]
             per_layer.setdefault(layer, {})[step] = (data, mass)
             if layer not in self.grids:  # the layer's real grid (UNet levels), else the denoiser's token grid
                 h, w = g.layer_grids.get(layer, (base_h, base_w))
@@ -95,10 +95,10 @@ class AttentionMaps:
             for c in self._chunks:
                 lay = c["layers"].get(layer, {})
                 shape = (len(self.branches), c["batch"]) + tuple(example[0].shape[2:])
-                nan = torch.full(shape, float("nan"))
+                nan = torch.full(shape, float("nan"), dtype=example[0].dtype)
                 parts.append(torch.stack([lay[s][0] if s in lay else nan for s in steps]))
                 if example[1] is not None:
-                    mnan = torch.full(shape[:3] + shape[-1:], float("nan"))
+                    mnan = torch.full(shape[:3] + shape[-1:], float("nan"), dtype=example[0].dtype)
                     mparts.append(torch.stack([lay[s][1] if s in lay and lay[s][1] is not None else mnan for s in steps]))
             self._data[layer] = torch.cat(parts, dim=2)  # (step, branch, batch, head, token, n)
             self._mass[layer] = torch.cat(mparts, dim=2) if mparts else None
@@ -194,12 +194,13 @@ class AttentionMaps:
         grid = grid or max((self.grids[n] for n in layers), key=lambda g: g[0] * g[1])
         out = []
         for name in layers:
-            d = self._data[name][sidx][:, bidx]  # (step, branch, batch, head, token, n)
+            # (step, branch, batch, head, token, n); computed on in float32 whatever the storage dtype
+            d = self._data[name][sidx][:, bidx].float()
             if normalise == "text":
                 m = self._mass[name]
                 if m is None:
                     raise ValueError("the text mass was not recorded (record(..., text_mass=True))")
-                d = d / m[sidx][:, bidx].unsqueeze(-2)
+                d = d / m[sidx][:, bidx].float().unsqueeze(-2)
             d = torch.einsum("sbnhtp,kt->sbnhkp", d, tmat)
             h, w = self.grids[name]
             d = d.reshape(*d.shape[:-1], h, w)
@@ -245,6 +246,7 @@ class AttentionMaps:
             "timesteps": self.timesteps,
             "steps": self._steps,
             "grids": {k: list(v) for k, v in self.grids.items()},
+            "paths": self.paths,
         }
         tmp = path / "maps.safetensors.tmp"
         save_file(tensors, str(tmp))
@@ -275,6 +277,7 @@ class AttentionMaps:
             m.tokens, m.prompts, m.timesteps = meta["tokens"], meta["prompts"], meta["timesteps"]
             m.grids = {k: tuple(v) for k, v in meta["grids"].items()}
             m._steps = meta["steps"]
+            m.paths = meta.get("paths", {})  # absent in folders saved before it was kept
             m._data = {k: tensors[f"maps::{k}"] for k in m.layers}
             m._mass = {k: tensors.get(f"mass::{k}") for k in m.layers}
         except (KeyError, TypeError, AttributeError) as err:

@@ -41,7 +41,6 @@ _tls = threading.local()  # .capture: the _Capture of the processor call running
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 _install_lock = threading.Lock()
 _install_count = 0
-_FLASH = int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
 _MISSING = object()
 
 
@@ -169,23 +168,47 @@ class _ImageRows:
         )
 
 
-def _cpu_flash_would_run(q, k, v, attn_mask, dropout_p, is_causal, scale, kw) -> bool:
-    """Whether SDPA would pick the CPU flash kernel for this call (which can also return its row
-    log-sum-exp). Decided per call: it depends on the tensors and on autograd."""
-    return (
-        q.device.type == "cpu"
-        and attn_mask is None
-        and not kw
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        and torch._fused_sdp_choice(q, k, v, None, dropout_p, is_causal, scale=scale, enable_gqa=False) == _FLASH
-    )
+_SDP = torch.nn.attention.SDPBackend
 
 
-class _RowLSE:
-    """How each image query's log-sum-exp over all keys (its softmax denominator) is obtained. One
-    strategy is chosen per recording from ``method``; attention calls only ask it."""
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
-    full_softmax = False  # True: gives the text probabilities straight from the full softmax instead
+
+def _kernel_would_run(q, k, v, attn_mask, dropout_p, is_causal, scale, kw) -> int | None:
+    """The fused SDPA kernel this call would run, when it is one whose row log-sum-exp can be taken
+    with the output unchanged: the CPU flash kernel; on CUDA the flash or memory-efficient kernel.
+    None otherwise (masks, dropout, autograd, enable_gqa, cuDNN or the math fallback). Decided per
+    call: the choice depends on the tensors, their device and autograd."""
+    # enable_gqa=False (diffusers' Flux passes it) changes nothing; any other extra keyword might
+    if attn_mask is not None or any(key != "enable_gqa" or val for key, val in kw.items()):
+        return None
+    if dropout_p or is_causal or _needs_grad(q, k, v):
+        return None
+    choice = torch._fused_sdp_choice(q, k, v, None, dropout_p, is_causal, scale=scale, enable_gqa=False)
+    if q.device.type == "cpu":
+        return choice if choice == int(_SDP.FLASH_ATTENTION) else None
+    if q.device.type == "cuda" and q.shape[-1] % 8 == 0:  # SDPA pads other head sizes before the kernel
+        return choice if choice in (int(_SDP.FLASH_ATTENTION), int(_SDP.EFFICIENT_ATTENTION)) else None
+    return None
+
+
+def _run_kernel(choice: int, q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, row log-sum-exp (batch, heads, queries)) from the kernel SDPA itself would call, with
+    the arguments SDPA passes it (no mask, no dropout, not causal)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
+    elif choice == int(_SDP.FLASH_ATTENTION):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    else:  # memory-efficient: its log-sum-exp is padded to a multiple of 32 queries
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)[:2]
+        lse = lse[..., : q.shape[-2]]
+    return out, lse
+
+
+class _Strategy:
+    """How the text-key probabilities of the image queries are obtained. One strategy is chosen per
+    recording from ``method``; attention calls only ask it."""
 
     def __init__(self, chunk_size: int):
         self.chunk_size = chunk_size
@@ -194,91 +217,81 @@ class _RowLSE:
         """The model's attention output, and the kernel's row log-sum-exp when it gives one."""
         return _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw), None
 
-    def row_lse(self, r: _ImageRows) -> torch.Tensor:
+    def probs_and_mass(self, r: "_ImageRows", cols: torch.Tensor, want_mass: bool):
+        """(p over the text columns ``cols`` (rows, heads, n_img, len(cols)), each query's total text
+        probability (rows, heads, n_img) or None, the path taken: 'kernel', 'chunked' or 'naive')."""
         raise NotImplementedError
 
-    def text_lse(self, r: _ImageRows) -> torch.Tensor | None:
-        """The log-sum-exp over the text keys alone, when it comes cheaply (from a kernel); else None."""
-        return None
 
+class _Chunked(_Strategy):
+    """method='chunked': one pass over chunks of queries. Each chunk's logits against all keys give
+    its row log-sum-exp, its text columns' probabilities and its text mass at once, so at most
+    (chunk x keys) logits per row and head exist at a time and no logit is computed twice."""
 
-class _ChunkedLSE(_RowLSE):
-    """method='chunked': computed chunk of queries by chunk, so at most (chunk x keys) logits exist at once."""
-
-    def row_lse(self, r: _ImageRows) -> torch.Tensor:
+    def probs_and_mass(self, r, cols, want_mass):
         n, c = r.q.shape[-2], self.chunk_size
-        lse = torch.empty(r.q.shape[:-1], dtype=r.q.dtype, device=r.q.device)
+        probs = r.q.new_empty(*r.q.shape[:-1], len(cols))
+        mass = r.q.new_empty(r.q.shape[:-1]) if want_mass else None
+        text_cols = torch.arange(r.k.shape[-2], device=r.q.device)[r.txt][cols.to(r.q.device)]
         for a in range(0, n, c):
             logits = r.q[:, :, a : a + c] @ r.k.transpose(-1, -2) * r.scale
             if r.mask is not None:
                 logits = logits + r.mask[:, :, a : a + c]
-            lse[:, :, a : a + c] = logits.logsumexp(-1)
-        return lse
+            lse = logits.logsumexp(-1, keepdim=True)
+            probs[:, :, a : a + c] = (logits[..., text_cols] - lse).exp()
+            if want_mass:
+                mass[:, :, a : a + c] = (logits[..., r.txt] - lse).exp().sum(-1)
+        return probs, mass, "chunked"
 
 
-class _KernelLSE(_ChunkedLSE):
-    """method='auto': when SDPA would run the CPU flash kernel anyway, run that kernel directly and
-    keep the row log-sum-exp it computes (bitwise the same output); otherwise as 'chunked'."""
+class _Kernel(_Chunked):
+    """method='auto': when SDPA would run a kernel that returns its row log-sum-exp (CPU flash; CUDA
+    flash or memory-efficient), run that kernel directly and keep it (bitwise the same output); the
+    text probabilities then cost one (image x selected columns) product, and the text mass one more
+    kernel call over the text keys alone. Otherwise as 'chunked'."""
 
     def attention(self, q, k, v, attn_mask, dropout_p, is_causal, scale, kw):
-        if _cpu_flash_would_run(q, k, v, attn_mask, dropout_p, is_causal, scale, kw):
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, dropout_p, is_causal, scale=scale
-            )[:2]
-            return out, lse
-        return super().attention(q, k, v, attn_mask, dropout_p, is_causal, scale, kw)
+        choice = _kernel_would_run(q, k, v, attn_mask, dropout_p, is_causal, scale, kw)
+        if choice is None:
+            return super().attention(q, k, v, attn_mask, dropout_p, is_causal, scale, kw)
+        return _run_kernel(choice, q, k, v, scale)
 
-    def row_lse(self, r: _ImageRows) -> torch.Tensor:
-        return r.kernel_lse if r.kernel_lse is not None else super().row_lse(r)
-
-    def text_lse(self, r: _ImageRows) -> torch.Tensor | None:
-        if r.kernel_lse is None or r.tmask is not None:
-            return None
-        # the same fused kernel over the text keys alone: no (image x text) block in memory
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(r.q, r.kt, r.kt, 0.0, False, scale=r.scale)[1]
-
-
-class _NaiveSoftmax(_RowLSE):
-    """method='naive': the full softmax over all keys, then its text columns, as existing tools do
-    (the benchmarks' baseline). It gives the probabilities directly, with no separate log-sum-exp."""
-
-    full_softmax = True
+    def probs_and_mass(self, r, cols, want_mass):
+        if r.kernel_lse is None:
+            return super().probs_and_mass(r, cols, want_mass)
+        lse = r.kernel_lse
+        logits = r.q @ r.kt[:, :, cols].transpose(-1, -2) * r.scale
+        probs = (logits - lse.unsqueeze(-1)).exp()
+        mass = None
+        if want_mass:
+            # the log-sum-exp over the text keys alone, from the same kind of kernel: exp(lse_text - lse_all)
+            # is the text mass, with no (image x text) block in memory
+            text_lse = self._text_lse(r)
+            mass = (text_lse - lse).exp()
+        return probs, mass, "kernel"
 
     @staticmethod
-    def text_probs_and_mass(r: _ImageRows, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_lse(r) -> torch.Tensor:
+        q, kt = r.q, r.kt.contiguous()
+        choice = _kernel_would_run(q, kt, kt, None, 0.0, False, r.scale, {})
+        if choice is not None:
+            return _run_kernel(choice, q, kt, kt, r.scale)[1].to(q.dtype)
+        return (q @ kt.transpose(-1, -2) * r.scale).logsumexp(-1)  # e.g. float32 on a bf16-only kernel
+
+
+class _Naive(_Strategy):
+    """method='naive': the full softmax over all keys, then its text columns, as existing tools do
+    (the benchmarks' baseline)."""
+
+    def probs_and_mass(self, r, cols, want_mass):
         logits = r.q @ r.k.transpose(-1, -2) * r.scale
         if r.mask is not None:
             logits = logits + r.mask
         p_txt = logits.softmax(-1)[..., r.txt]
-        return p_txt[..., cols], p_txt.sum(-1)
+        return p_txt[..., cols.to(p_txt.device)], p_txt.sum(-1) if want_mass else None, "naive"
 
 
-_STRATEGIES = {"auto": _KernelLSE, "chunked": _ChunkedLSE, "naive": _NaiveSoftmax}
-
-
-def _text_probs(r: _ImageRows, cols: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """p[i, j] = exp(q_i . k_j * scale + mask - lse_i) for the image queries i and text columns ``cols``."""
-    logits = r.q @ r.kt[:, :, cols].transpose(-1, -2) * r.scale
-    if r.tmask is not None:
-        logits = logits + r.tmask[..., cols]
-    return (logits - lse.unsqueeze(-1)).exp()
-
-
-def _text_mass(r: _ImageRows, site: AttentionSite, lse: torch.Tensor, strategy: _RowLSE) -> torch.Tensor:
-    """Each image query's total probability on the text keys (the denominator of normalise='text')."""
-    if site.kind == CROSS and r.mask is None:
-        return torch.ones_like(lse)  # every key is text
-    lse_text = strategy.text_lse(r)
-    if lse_text is not None:
-        return (lse_text - lse).exp()  # exp(lse_text - lse_all) = the sum of p over the text keys
-    mass = torch.empty_like(lse)  # otherwise summed chunk by chunk, never a full (image x text) block
-    n, c = r.q.shape[-2], strategy.chunk_size
-    for a in range(0, n, c):
-        lg = r.q[:, :, a : a + c] @ r.kt.transpose(-1, -2) * r.scale
-        if r.tmask is not None:
-            lg = lg + r.tmask[:, :, a : a + c]
-        mass[:, :, a : a + c] = (lg - lse[:, :, a : a + c, None]).exp().sum(-1)
-    return mass
+_STRATEGIES = {"auto": _Kernel, "chunked": _Chunked, "naive": _Naive}
 
 
 # ----- which text positions make each target -----
@@ -355,7 +368,49 @@ class _Generation:
     layouts: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # (layer, step) -> (sum (branch, batch, head, token, n), count (branch, batch))
     mass: dict = field(default_factory=dict)
+    final: dict = field(default_factory=dict)  # (layer, step) -> (mean, mean text mass or None), stored dtype, CPU
     layer_grids: dict = field(default_factory=dict)  # layer -> (h, w) read from its real input (UNet levels)
+
+
+DEFAULT_MAX_BYTES = 8 * 2**30  # maps held by one recording (CPU memory), unless record(max_bytes=...) says otherwise
+
+
+class RecordingTooLarge(MemoryError):
+    """A recording whose maps would exceed its memory budget (the message names what would shrink it)."""
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass
+class RecordingSize:
+    """Bytes of maps one generation adds to a recording, per layer (``record(...).estimate(...)``)."""
+
+    per_layer: dict[str, int]
+    heads: str
+    steps: int
+    dtype: torch.dtype
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_layer.values())
+
+    def advice(self) -> str:
+        """The options that shrink it, with what each would give."""
+        ways = []
+        if self.heads == "keep":
+            ways.append("heads='mean'")
+        if self.steps > 1:
+            ways.append(f"steps=[...] or mean_over_steps=True (1 of {self.steps} steps: {_gib(self.total // self.steps)})")
+        if self.dtype.itemsize > 2:
+            ways.append(f"dtype=torch.float16 ({_gib(self.total * 2 // self.dtype.itemsize)})")
+        ways.append(f"layers=[...] (the largest layer holds {_gib(max(self.per_layer.values()))})")
+        return "To shrink it: " + "; ".join(ways) + "."
+
+    def __str__(self):
+        return (f"{_gib(self.total)} per generation over {len(self.per_layer)} layers and {self.steps} recorded "
+                f"step(s) (heads {self.heads}, {str(self.dtype).removeprefix('torch.')})")
 
 
 class Recorder:
@@ -374,6 +429,8 @@ class Recorder:
         method: str = "auto",
         chunk_size: int = 1024,
         occurrence: str | int = "first",
+        dtype: torch.dtype = torch.float32,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
     ):
         self.adapter = get_adapter(pipe)
         self.adapter.check_recordable()
@@ -395,7 +452,11 @@ class Recorder:
         self.sites = self.adapter.select_sites(layers)
         self.steps = None if steps is None else [int(s) for s in as_list(steps)]
         self.heads, self.text_mass, self.mean_over_steps = heads, text_mass, mean_over_steps
-        self.method, self.chunk_size = method, chunk_size
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"dtype (the maps' storage dtype) must be torch.float32, float16, bfloat16 or float64, got {dtype}")
+        self.method, self.chunk_size, self.dtype = method, chunk_size, dtype
+        self.max_bytes = max_bytes
+        self._held = 0  # estimated bytes of the generations recorded so far
         self._lse = _STRATEGIES[method](chunk_size)  # chosen once; calls only ask it
         self.fixed_prompts = None if prompt is None else list(ensure_prompts(prompt))
         self.maps = AttentionMaps.empty(self.adapter.family, self.sites, self.branches, heads)
@@ -458,8 +519,9 @@ class Recorder:
         g = self._gen
         self._advance_step(g, t)
         branch_of_row = self.adapter.branches(self.adapter.batch_rows(args, kwargs), g.call_in_step)
-        if g.batch is None:
+        if g.batch is None:  # the generation's first call
             g.batch = sum(1 for b in branch_of_row if b == branch_of_row[-1])
+            self._check_budget(g, self.adapter.image_grid(args, kwargs))
         g.rows, g.row_branch, g.row_item = _select_rows(branch_of_row, self.branches)
         if not g.rows:  # a call with none of the recorded branches (e.g. SD3's skip-layer guidance call)
             return
@@ -470,11 +532,11 @@ class Recorder:
             g.layouts[layout] = self._layout_targets(g)
         g.cols, g.weights, g.row_index, g.store_index = g.layouts[layout]
 
-    @staticmethod
-    def _advance_step(g: _Generation, t: float) -> None:
+    def _advance_step(self, g: _Generation, t: float) -> None:
         if g.last_t is None or t != g.last_t:
             g.step, g.call_in_step, g.last_t = g.step + 1, 0, t
             g.timesteps[g.step] = t
+            self._finalise(g, before_step=g.step)
         else:
             g.call_in_step += 1
         if g.steps_total is not None and g.step >= g.steps_total:
@@ -506,10 +568,41 @@ class Recorder:
         g = self._gen
         return g is not None and bool(g.rows) and (g.wanted_steps is None or g.step in g.wanted_steps)
 
+    # ----- memory: estimate and budget -----
+    def estimate(self, height: int, width: int, num_inference_steps: int, batch: int = 1) -> "RecordingSize":
+        """What one generation of ``batch`` images (per CFG branch) at height x width pixels will hold."""
+        return self._size(self.adapter.token_grid(height, width), num_inference_steps, batch)
+
+    def _size(self, grid, num_steps: int, batch: int) -> "RecordingSize":
+        n_streams = len(self.adapter.streams()) if self.words else 0
+        targets = len(self.words) * n_streams + len(self.token_indices)
+        steps = 1 if self.mean_over_steps else (len(self.steps) if self.steps is not None else num_steps)
+        per_layer = {}
+        for site in self.sites:
+            h, w = self.adapter.layer_grid(site, grid)
+            heads = self.adapter.module(site).heads if self.heads == "keep" else 1
+            values = heads * targets * h * w + (heads * h * w if self.text_mass else 0)
+            per_layer[site.name] = values * steps * len(self.branches) * batch * self.dtype.itemsize
+        return RecordingSize(per_layer, self.heads, steps, self.dtype)
+
+    def _check_budget(self, g: _Generation, grid) -> None:
+        """Refuse a generation whose maps would take the recording past ``max_bytes``, before recording it."""
+        if self.max_bytes is None or g.steps_total is None:  # a custom loop does not announce its steps
+            return
+        size = self._size(grid, g.steps_total, g.batch)
+        if self._held + size.total > self.max_bytes:
+            raise RecordingTooLarge(
+                f"this recording would hold {_gib(self._held + size.total)} of maps ({_gib(size.total)} for this "
+                f"generation{'' if not self._held else ', ' + _gib(self._held) + ' before it'}), over max_bytes="
+                f"{_gib(self.max_bytes)}. {size.advice()} Or raise the budget: record(..., max_bytes=...) (None: no limit)."
+            )
+        self._held += size.total
+
     # ----- targets: words and token indices -> text positions -----
     def _layout_targets(self, g: _Generation):
         """(cols, weights, row_index, store_index) for the current call's rows and text length."""
-        streams = [s.name for s in self.adapter.streams(g.text_len)]
+        # text streams come from the tokenizers, which only words need (a pipeline may have none)
+        streams = [s.name for s in self.adapter.streams(g.text_len)] if self.words else []
         labels = self._target_labels(streams)
         positions = [self._row_targets(g, item, streams) for item in g.row_item]
         cols, weights = token_weights(positions, len(labels))
@@ -571,17 +664,17 @@ class Recorder:
         if not g.rows:
             return
         r = _ImageRows.select(site, g.text_len, g.row_index, q, k, attn_mask, scale, kernel_lse)
-        if self._lse.full_softmax:
-            probs, mass = self._lse.text_probs_and_mass(r, g.cols)
-        else:
-            lse = self._lse.row_lse(r)
-            probs = _text_probs(r, g.cols, lse)
-            mass = _text_mass(r, site, lse, self._lse) if self.text_mass else None
+        every_key_is_text = site.kind == CROSS and r.mask is None
+        probs, mass, path = self._lse.probs_and_mass(r, g.cols, self.text_mass and not every_key_is_text)
+        taken = self.maps.paths.setdefault(site.name, {})
+        taken[path] = taken.get(path, 0) + 1
+        if self.text_mass and every_key_is_text:
+            mass = probs.new_ones(probs.shape[:-1])
         maps = torch.einsum("rhnc,rtc->rhtn", probs, g.weights.to(probs.device, probs.dtype))  # (rows, heads, targets, n)
         if self.heads == "mean":
             maps = maps.mean(1, keepdim=True)
             mass = mass.mean(1, keepdim=True) if mass is not None else None
-        self._store(g, site, maps.float().cpu(), None if mass is None else mass.float().cpu())
+        self._store(g, site, maps.float(), None if mass is None else mass.float())
 
     def _store(self, g, site, maps, mass):
         step = -1 if self.mean_over_steps else g.step
@@ -589,17 +682,31 @@ class Recorder:
         nb, batch = len(self.branches), g.batch
         if site.grid_path and site.name not in g.layer_grids:
             g.layer_grids[site.name] = self._spatial[site.grid_path]
-        if key not in g.data:  # running sums and counts, per (branch, batch item)
+        if key not in g.data:  # float32 running sums and counts per (branch, batch item), on the model's device
             h, t, n = maps.shape[1:]
-            g.data[key] = (torch.zeros(nb, batch, h, t, n), torch.zeros(nb, batch))
+            g.data[key] = (maps.new_zeros(nb, batch, h, t, n), torch.zeros(nb, batch))
             if mass is not None:
-                g.mass[key] = torch.zeros(nb, batch, h, n)
+                g.mass[key] = maps.new_zeros(nb, batch, h, n)
         total, count = g.data[key]
         br, it = g.store_index
-        total[br, it] += maps
+        total[br.to(total.device), it.to(total.device)] += maps
         count[br, it] += 1
         if mass is not None:
-            g.mass[key][br, it] += mass
+            g.mass[key][br.to(total.device), it.to(total.device)] += mass
+
+    def _finalise(self, g, before_step: int | None = None) -> None:
+        """Turn running sums into means, cast to the storage dtype, on the CPU: those of steps before
+        ``before_step`` (finished: a step's calls are done when the next step starts), or all. So at
+        most one step's float32 sums exist at a time, unless mean_over_steps."""
+        for key in [k for k in g.data if before_step is None or 0 <= k[1] < before_step]:
+            total, count = g.data.pop(key)
+            denom = count.clone()
+            denom[denom == 0] = float("nan")  # a row never seen in this branch: NaN, not zero
+            denom = denom.to(total.device)
+            data = (total / denom[:, :, None, None, None]).to("cpu", self.dtype)
+            mass = g.mass.pop(key, None)
+            mass = None if mass is None else (mass / denom[:, :, None, None]).to("cpu", self.dtype)
+            g.final[key] = (data, mass)
 
     def _flush(self):
         """Hand the finished generation to the AttentionMaps."""
@@ -607,9 +714,18 @@ class Recorder:
         if g is None:
             return
         self._gen = None
-        if not g.data:
-            return
-        self.maps._add_generation(g, self.adapter)
+        self._finalise(g)
+        if g.final:
+            self.maps._add_generation(g, self.adapter)
+
+    @property
+    def paths(self) -> dict[str, int]:
+        """How many attention calls each path served, over all layers (per layer: ``maps.paths``)."""
+        out: dict[str, int] = {}
+        for taken in self.maps.paths.values():
+            for path, n in taken.items():
+                out[path] = out.get(path, 0) + n
+        return out
 
 
 def _word_specs(words) -> list[tuple[str, str | list[str]]]:
@@ -644,7 +760,20 @@ def record(pipe, words=None, tokens=None, layers=None, steps=None, heads="mean",
         with prompt_embeds. Options: text_mass (default True), mean_over_steps, method
         ('auto', 'chunked', 'naive'), chunk_size, occurrence: which occurrence of a word that appears
         more than once is recorded: 'first' (the default), 'all' (their maps summed) or k (the k-th, from 1).
+    Memory: dtype, the maps' storage dtype (default torch.float32; float16 or bfloat16 halve it; values
+        are computed and summed in float32 whatever the model's dtype), and max_bytes, the budget of maps
+        this recording may hold (default 8 GiB; None: no limit): a generation that would exceed it is
+        refused before it runs, naming the options that shrink it. ``estimate_recording`` says the size
+        beforehand.
     """
     rec = Recorder(pipe, words, tokens, layers, steps, heads, branch, prompt, **options)
     with rec as maps:
         yield maps
+
+
+def estimate_recording(pipe, height: int, width: int, num_inference_steps: int, batch: int = 1, words=None, tokens=None,
+                       layers=None, steps=None, heads="mean", branch="cond", **options) -> RecordingSize:
+    """Bytes of maps that ``record(pipe, words, tokens, layers, steps, heads, branch, **options)`` will
+    hold for one generation of ``batch`` images per prompt branch at height x width pixels, per layer
+    (exact: the recorder stores these arrays). Nothing is installed on ``pipe``."""
+    return Recorder(pipe, words, tokens, layers, steps, heads, branch, **options).estimate(height, width, num_inference_steps, batch)

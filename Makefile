@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: demo test figures bench clean
+.PHONY: demo test figures bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ figures: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_recorder.py
+
+# on a machine with a CUDA GPU: the recorder's GPU tests, then the full-denoiser true-width table
+bench-gpu: $(VENV)/.installed
+	$(BIN)/python -m pytest -p no:cacheprovider -rs tests/test_recorder_scale.py
+	$(BIN)/python benchmarks/bench_true_width.py --gpu
 
 clean:
 	rm -rf $(VENV) outputs

@@ -12,6 +12,7 @@ from pathlib import Path
 import diffusers
 
 from . import toyworld
+from .architectures import MODELS as ARCHITECTURES
 from .io import sha256
 from .settings import SETTINGS_FILE, sampling_settings  # noqa: F401  (sampling_settings: re-exported)
 from .tiny import T5_MAX_LENGTH, TINY, tiny_pipeline
@@ -177,5 +178,7 @@ def _from_pretrained(cls, where, torch_dtype, spec: ModelSpec | None = None, **k
             f"could not load {spec.name} ({spec.hub_id}) from the hub or its cache: {type(err).__name__}: "
             f"{str(err).splitlines()[0][:200]}\n{how}Offline, download the weights on a machine with access "
             f"(`huggingface-cli download {spec.hub_id} --local-dir DIR`) and pass DIR to load_pipeline; "
-            "without weights, the tiny pipelines (tiny-sd3, tiny-sd3.5, tiny-flux, tiny-unet) run every code path."
+            "without weights, the tiny pipelines (tiny-sd3, tiny-sd3.5, tiny-flux, tiny-unet) run every code path"
+            + (f", and dit_probe.architectures.real_pipeline({spec.name!r}) builds its true-size architecture with "
+               "random weights (for costs and shapes; its images are noise)." if spec.name in ARCHITECTURES else ".")
         ) from None

@@ -140,10 +140,11 @@ class _ImageRows:
     mask: torch.Tensor | None  # (rows, heads, n_img, n_keys), additive
     tmask: torch.Tensor | None  # the mask's text columns
     scale: float
-    kernel_lse: torch.Tensor | None  # (rows, heads, n_img): the row log-sum-exp the attention kernel returned
+    kernel_lse: torch.Tensor | None  # (rows, heads, n_img): the row log-sum-exp a fused kernel returned
+    lse_source: str | None = None  # 'kernel' (the kernel that made the output) or 'kernel-rerun'
 
     @classmethod
-    def select(cls, site, text_len, rows, q, k, attn_mask, scale, kernel_lse) -> "_ImageRows":
+    def select(cls, site, text_len, rows, q, k, attn_mask, scale, kernel_lse, source=None) -> "_ImageRows":
         img, txt = site.ranges(q.shape[-2], k.shape[-2], text_len)
         dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         qi = q[rows][:, :, img].to(dtype)  # a view when the rows are contiguous (the usual CFG half)
@@ -165,6 +166,7 @@ class _ImageRows:
             tmask=mask[..., txt] if mask is not None else None,
             scale=qi.shape[-1] ** -0.5 if scale is None else scale,
             kernel_lse=None if kernel_lse is None else kernel_lse[rows][:, :, img].to(dtype),
+            lse_source=source,
         )
 
 
@@ -175,11 +177,12 @@ def _needs_grad(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def _kernel_would_run(q, k, v, attn_mask, dropout_p, is_causal, scale, kw) -> int | None:
-    """The fused SDPA kernel this call would run, when it is one whose row log-sum-exp can be taken
-    with the output unchanged: the CPU flash kernel; on CUDA the flash or memory-efficient kernel.
-    None otherwise (masks, dropout, autograd, enable_gqa, cuDNN or the math fallback). Decided per
-    call: the choice depends on the tensors, their device and autograd."""
+def _kernel_plan(q, k, v, attn_mask, dropout_p, is_causal, scale, kw) -> tuple[str, int] | None:
+    """How this call's row log-sum-exp can come from a fused kernel, with the model's output unchanged:
+    ('kernel', backend): SDPA would run a kernel that also returns it (CPU flash; CUDA flash or
+    memory-efficient), so that very kernel is run; ('rerun', backend) (CUDA, e.g. cuDNN): SDPA runs as
+    it would, and a second fused kernel gives the log-sum-exp. None (masks, dropout, autograd, other
+    devices, the CPU math fallback): computed in query chunks. Decided per call."""
     # enable_gqa=False (diffusers' Flux passes it) changes nothing; any other extra keyword might
     if attn_mask is not None or any(key != "enable_gqa" or val for key, val in kw.items()):
         return None
@@ -187,9 +190,12 @@ def _kernel_would_run(q, k, v, attn_mask, dropout_p, is_causal, scale, kw) -> in
         return None
     choice = torch._fused_sdp_choice(q, k, v, None, dropout_p, is_causal, scale=scale, enable_gqa=False)
     if q.device.type == "cpu":
-        return choice if choice == int(_SDP.FLASH_ATTENTION) else None
-    if q.device.type == "cuda" and q.shape[-1] % 8 == 0:  # SDPA pads other head sizes before the kernel
-        return choice if choice in (int(_SDP.FLASH_ATTENTION), int(_SDP.EFFICIENT_ATTENTION)) else None
+        return ("kernel", choice) if choice == int(_SDP.FLASH_ATTENTION) else None
+    if q.device.type == "cuda":
+        direct = choice in (int(_SDP.FLASH_ATTENTION), int(_SDP.EFFICIENT_ATTENTION))
+        if direct and q.shape[-1] % 8 == 0:  # SDPA pads other head sizes before the kernel
+            return "kernel", choice
+        return "rerun", choice
     return None
 
 
@@ -206,16 +212,43 @@ def _run_kernel(choice: int, q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor
     return out, lse
 
 
+def _fused_lse(q, k, scale) -> torch.Tensor | None:
+    """The row log-sum-exp of softmax(q k^T * scale) from any fused kernel that takes these tensors
+    (its output is not used), or None. Only the log-sum-exp is wanted: no (queries x keys) block."""
+    try:
+        if q.device.type == "cpu":
+            if torch._fused_sdp_choice(q, k, k, None, 0.0, False, scale=scale, enable_gqa=False) == int(_SDP.FLASH_ATTENTION):
+                return _run_kernel(int(_SDP.FLASH_ATTENTION), q, k, k, scale)[1]
+            return None
+        if q.device.type == "cuda" and q.shape[-1] % 8 == 0:
+            half = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            return _run_kernel(int(_SDP.FLASH_ATTENTION if half else _SDP.EFFICIENT_ATTENTION), q, k, k, scale)[1]
+    except RuntimeError:  # a kernel that refuses these shapes or dtypes: the caller computes it otherwise
+        return None
+    return None
+
+
+CHUNK_BYTES = 32 * 2**20  # the chunked path's logits per chunk, unless chunk_size is given
+
+
 class _Strategy:
     """How the text-key probabilities of the image queries are obtained. One strategy is chosen per
     recording from ``method``; attention calls only ask it."""
 
-    def __init__(self, chunk_size: int):
+    def __init__(self, chunk_size: int | None):
         self.chunk_size = chunk_size
 
+    def _chunk(self, r: "_ImageRows") -> int:
+        """Queries per chunk: as given, or as many as keep one chunk's logits within CHUNK_BYTES (small
+        blocks stay in cache: at SD3-medium's 4429 keys, 64-query chunks ran 2.4x faster on CPU than 1024)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        per_query = r.q.shape[0] * r.q.shape[1] * r.k.shape[-2] * r.q.element_size()
+        return max(16, CHUNK_BYTES // per_query)
+
     def attention(self, q, k, v, attn_mask, dropout_p, is_causal, scale, kw):
-        """The model's attention output, and the kernel's row log-sum-exp when it gives one."""
-        return _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw), None
+        """The model's attention output; the row log-sum-exp from a kernel and where it came from, or None, None."""
+        return _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw), None, None
 
     def probs_and_mass(self, r: "_ImageRows", cols: torch.Tensor, want_mass: bool):
         """(p over the text columns ``cols`` (rows, heads, n_img, len(cols)), each query's total text
@@ -229,7 +262,7 @@ class _Chunked(_Strategy):
     (chunk x keys) logits per row and head exist at a time and no logit is computed twice."""
 
     def probs_and_mass(self, r, cols, want_mass):
-        n, c = r.q.shape[-2], self.chunk_size
+        n, c = r.q.shape[-2], self._chunk(r)
         probs = r.q.new_empty(*r.q.shape[:-1], len(cols))
         mass = r.q.new_empty(r.q.shape[:-1]) if want_mass else None
         text_cols = torch.arange(r.k.shape[-2], device=r.q.device)[r.txt][cols.to(r.q.device)]
@@ -246,15 +279,23 @@ class _Chunked(_Strategy):
 
 class _Kernel(_Chunked):
     """method='auto': when SDPA would run a kernel that returns its row log-sum-exp (CPU flash; CUDA
-    flash or memory-efficient), run that kernel directly and keep it (bitwise the same output); the
-    text probabilities then cost one (image x selected columns) product, and the text mass one more
-    kernel call over the text keys alone. Otherwise as 'chunked'."""
+    flash or memory-efficient), run that kernel directly and keep it (bitwise the same output). On CUDA
+    when SDPA picks another kernel (cuDNN), SDPA runs as chosen and a second fused kernel call gives the
+    log-sum-exp ('kernel-rerun': one more attention's time, no extra memory to speak of). The text
+    probabilities then cost one (image x selected columns) product, and the text mass one more kernel
+    call over the text keys alone. Otherwise (masks, autograd) as 'chunked'."""
 
     def attention(self, q, k, v, attn_mask, dropout_p, is_causal, scale, kw):
-        choice = _kernel_would_run(q, k, v, attn_mask, dropout_p, is_causal, scale, kw)
-        if choice is None:
-            return super().attention(q, k, v, attn_mask, dropout_p, is_causal, scale, kw)
-        return _run_kernel(choice, q, k, v, scale)
+        plan = _kernel_plan(q, k, v, attn_mask, dropout_p, is_causal, scale, kw)
+        if plan is not None and plan[0] == "kernel":
+            out, lse = _run_kernel(plan[1], q, k, v, scale)
+            return out, lse, "kernel"
+        out = super().attention(q, k, v, attn_mask, dropout_p, is_causal, scale, kw)[0]
+        if plan is not None:  # 'rerun': the output as SDPA makes it, the log-sum-exp from a second kernel
+            lse = _fused_lse(q, k, scale)
+            if lse is not None:
+                return out, lse, "kernel-rerun"
+        return out, None, None
 
     def probs_and_mass(self, r, cols, want_mass):
         if r.kernel_lse is None:
@@ -264,19 +305,13 @@ class _Kernel(_Chunked):
         probs = (logits - lse.unsqueeze(-1)).exp()
         mass = None
         if want_mass:
-            # the log-sum-exp over the text keys alone, from the same kind of kernel: exp(lse_text - lse_all)
-            # is the text mass, with no (image x text) block in memory
-            text_lse = self._text_lse(r)
-            mass = (text_lse - lse).exp()
-        return probs, mass, "kernel"
-
-    @staticmethod
-    def _text_lse(r) -> torch.Tensor:
-        q, kt = r.q, r.kt.contiguous()
-        choice = _kernel_would_run(q, kt, kt, None, 0.0, False, r.scale, {})
-        if choice is not None:
-            return _run_kernel(choice, q, kt, kt, r.scale)[1].to(q.dtype)
-        return (q @ kt.transpose(-1, -2) * r.scale).logsumexp(-1)  # e.g. float32 on a bf16-only kernel
+            # the log-sum-exp over the text keys alone, from a fused kernel: exp(lse_text - lse_all) is
+            # the text mass, with no (image x text) block in memory
+            text_lse = _fused_lse(r.q, r.kt.contiguous(), r.scale)
+            if text_lse is None:
+                text_lse = (r.q @ r.kt.transpose(-1, -2) * r.scale).logsumexp(-1)
+            mass = (text_lse.to(lse.dtype) - lse).exp()
+        return probs, mass, r.lse_source
 
 
 class _Naive(_Strategy):
@@ -427,7 +462,7 @@ class Recorder:
         text_mass: bool = True,
         mean_over_steps: bool = False,
         method: str = "auto",
-        chunk_size: int = 1024,
+        chunk_size: int | None = None,
         occurrence: str | int = "first",
         dtype: torch.dtype = torch.float32,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
@@ -654,16 +689,16 @@ class Recorder:
     def _attend(self, site, q, k, v, attn_mask, dropout_p, is_causal, scale, kw):
         if is_causal:
             raise ValueError(f"layer {site.name}: causal attention is not text-to-image attention")
-        out, kernel_lse = self._lse.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, kw)
+        out, kernel_lse, source = self._lse.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, kw)
         with torch.no_grad():
-            self._record(site, q, k, attn_mask, scale, kernel_lse)
+            self._record(site, q, k, attn_mask, scale, kernel_lse, source)
         return out
 
-    def _record(self, site, q, k, attn_mask, scale, kernel_lse):
+    def _record(self, site, q, k, attn_mask, scale, kernel_lse, source):
         g = self._gen
         if not g.rows:
             return
-        r = _ImageRows.select(site, g.text_len, g.row_index, q, k, attn_mask, scale, kernel_lse)
+        r = _ImageRows.select(site, g.text_len, g.row_index, q, k, attn_mask, scale, kernel_lse, source)
         every_key_is_text = site.kind == CROSS and r.mask is None
         probs, mass, path = self._lse.probs_and_mass(r, g.cols, self.text_mass and not every_key_is_text)
         taken = self.maps.paths.setdefault(site.name, {})
@@ -758,7 +793,8 @@ def record(pipe, words=None, tokens=None, layers=None, steps=None, heads="mean",
     steps: step indices (negative from the end); default all. heads: 'mean' or 'keep'.
     branch: 'cond' (default), 'uncond' or 'both'. prompt: the prompt(s) when the pipeline is called
         with prompt_embeds. Options: text_mass (default True), mean_over_steps, method
-        ('auto', 'chunked', 'naive'), chunk_size, occurrence: which occurrence of a word that appears
+        ('auto', 'chunked', 'naive'), chunk_size (queries per chunk of the chunked path; default: as many
+        as keep a chunk's logits within 32 MiB), occurrence: which occurrence of a word that appears
         more than once is recorded: 'first' (the default), 'all' (their maps summed) or k (the k-th, from 1).
     Memory: dtype, the maps' storage dtype (default torch.float32; float16 or bfloat16 halve it; values
         are computed and summed in float32 whatever the model's dtype), and max_bytes, the budget of maps

@@ -34,15 +34,16 @@ def _rope(x, cos_sin):
     return x * cos + rotated * sin
 
 
-def reference_probs(kind, attn, args, kwargs, text_len, dtype=None):
-    """(b, h, n_img, n_text) probabilities for one attention call; the softmax in ``dtype`` (default:
-    the model's) from q and k computed in the model's dtype."""
+def _full_softmax(kind, attn, args, kwargs, text_len, dtype=None):
+    """The full (b, h, queries, keys) softmax of one attention call, and where image and text sit:
+    {"q_image", "q_text", "k_image", "k_text"} slices (None where a side has none)."""
     hs = kwargs.get("hidden_states", args[0] if args else None)
     ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     h = attn.heads
     if kind == "cross":  # UNet attn2: queries image, keys text
         q, k = _heads(attn.to_q(hs), h).to(dtype or hs.dtype), _heads(attn.to_k(ehs), h).to(dtype or hs.dtype)
-        return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+        p = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+        return p, {"q_image": slice(None), "q_text": None, "k_image": None, "k_text": slice(None)}
     q = _rms(_heads(attn.to_q(hs), h), attn.norm_q)
     k = _rms(_heads(attn.to_k(hs), h), attn.norm_k)
     if kind in ("sd3", "flux-double"):
@@ -58,9 +59,27 @@ def reference_probs(kind, attn, args, kwargs, text_len, dtype=None):
     q, k = q.to(dtype or q.dtype), k.to(dtype or k.dtype)
     p = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)  # the full matrix: fine for a reference
     n = p.shape[-1]
-    if kind == "sd3":
-        return p[:, :, : n - text_len, n - text_len :]
-    return p[:, :, text_len:, :text_len]
+    if kind == "self":  # image-only self-attention (UNet attn1, SD3.5 attn2)
+        img, txt = slice(None), None
+    elif kind == "sd3":
+        img, txt = slice(0, n - text_len), slice(n - text_len, n)
+    else:
+        img, txt = slice(text_len, n), slice(0, text_len)
+    return p, {"q_image": img, "q_text": txt, "k_image": img, "k_text": txt}
+
+
+def reference_probs(kind, attn, args, kwargs, text_len, dtype=None):
+    """(b, h, n_img, n_text) probabilities for one attention call; the softmax in ``dtype`` (default:
+    the model's) from q and k computed in the model's dtype."""
+    return reference_block(kind, attn, args, kwargs, text_len, "image->text", dtype)
+
+
+def reference_block(kind, attn, args, kwargs, text_len, relation, dtype=None):
+    """(b, h, queries, keys) of a relation 'image->text', 'text->image', 'image->image' or 'text->text':
+    the full softmax's block of those queries and keys."""
+    p, lay = _full_softmax(kind, attn, args, kwargs, text_len, dtype)
+    qs, ks = relation.split("->")
+    return p[:, :, lay["q_" + qs]][..., lay["k_" + ks]]
 
 
 class InputCapture:

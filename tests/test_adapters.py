@@ -15,8 +15,10 @@ def test_canonical_layer_names(pipes):
     assert names35 == ["block.00.joint", "block.00.image", "block.01.joint", "block.02.joint"]
     assert [s.name for s in get_adapter(pipes("tiny-flux")).sites()] == ["double.00.joint", "single.00.joint", "single.01.joint"]
     unet = [s.name for s in get_adapter(pipes("tiny-unet")).sites()]
-    assert unet[0] == "down.0.0.0.cross" and "mid.0.0.0.cross" in unet and unet[-1] == "up.1.1.0.cross"
-    assert len(unet) == 7
+    assert unet[:2] == ["down.0.0.0.self", "down.0.0.0.cross"] and unet[-1] == "up.1.1.0.cross"
+    cross = [s.name for s in get_adapter(pipes("tiny-unet")).sites(recordable_only=True)]
+    assert cross[0] == "down.0.0.0.cross" and "mid.0.0.0.cross" in cross and len(cross) == 7
+    assert [n.replace(".self", ".cross") for n in unet if n.endswith(".self")] == cross  # attn1 beside each attn2
 
 
 def test_one_piece_words_in_every_stream(pipes):

@@ -30,6 +30,16 @@ CROSS = "cross"  # UNet attn2: queries image, keys text
 IMAGE_SELF = "image-self"  # SD3.5 dual-attention attn2, UNet attn1: no text keys
 
 
+# What a recording reads: "queries->keys". image->text is the default (where each word lands in the image).
+RELATIONS = ("image->text", "text->image", "image->image", "text->text")
+_JOINT = (JOINT_IMAGE_TEXT, JOINT_TEXT_IMAGE, SINGLE_TEXT_IMAGE)
+
+
+def check_relation(relation: str) -> None:
+    if relation not in RELATIONS:
+        raise ValueError(f"relation must be one of {', '.join(RELATIONS)}, got {relation!r}")
+
+
 @dataclass(frozen=True)
 class AttentionSite:
     name: str  # canonical, e.g. "block.07.joint", "up.1.0.cross"
@@ -43,6 +53,27 @@ class AttentionSite:
     @property
     def has_text(self) -> bool:
         return self.kind != IMAGE_SELF
+
+    def supports(self, relation: str) -> bool:
+        """Whether this layer's attention has the relation's queries and keys: text queries exist only in
+        joint attention (a UNet's text is never updated); image keys in joint and self-attention."""
+        queries, keys = relation.split("->")
+        has = {"image": self.kind != CROSS or queries == "image", "text": self.kind in _JOINT}
+        if self.kind == CROSS:
+            return queries == "image" and keys == "text"
+        if self.kind == IMAGE_SELF:
+            return queries == keys == "image"
+        return has[queries] and has[keys]
+
+    def layout(self, q_len: int, k_len: int, text_len: int) -> dict[str, slice | None]:
+        """Where image and text tokens sit among this call's queries and keys: {'image', 'text'} for each
+        side ('q_image', 'q_text', 'k_image', 'k_text'), None where a side has none."""
+        if self.kind == IMAGE_SELF:
+            return {"q_image": slice(0, q_len), "q_text": None, "k_image": slice(0, k_len), "k_text": None}
+        img, txt = self.ranges(q_len, k_len, text_len)
+        if self.kind == CROSS:
+            return {"q_image": img, "q_text": None, "k_image": None, "k_text": txt}
+        return {"q_image": img, "q_text": txt, "k_image": img, "k_text": txt}  # joint: one sequence for both
 
     def ranges(self, q_len: int, k_len: int, text_len: int) -> tuple[slice, slice]:
         """(image-query slice, text-key slice) inside one attention call."""
@@ -161,10 +192,15 @@ class Adapter:
                              "denoiser more than once per step at different timesteps, so steps would be miscounted. "
                              "Record with a first-order scheduler (e.g. the pipeline's default)")
 
-    def select_sites(self, layers=None) -> list[AttentionSite]:
-        """Resolve a layer selection: None (all with text keys), or a list of canonical names, glob
-        patterns ('block.*.joint') or integer indices into the recordable layers."""
-        recordable = self.sites(recordable_only=True)
+    def select_sites(self, layers=None, relation: str = "image->text") -> list[AttentionSite]:
+        """Resolve a layer selection: None (every layer that has the relation's queries and keys; for
+        image->text, all with text keys), or a list of canonical names, glob patterns ('block.*.joint') or
+        integer indices into those layers."""
+        recordable = [s for s in self._sites if s.supports(relation)]
+        if not recordable:
+            why = ("its cross-attention has no text queries: text tokens are never updated in a UNet"
+                   if relation.startswith("text") else "it has no such attention")
+            raise ValueError(f"this {self.family} model has no layer for relation {relation!r}: {why}")
         if layers is None:
             return recordable
         if isinstance(layers, (str, int)):
@@ -176,7 +212,7 @@ class Adapter:
                 if not -len(recordable) <= sel < len(recordable):
                     raise IndexError(
                         f"layer index {sel} out of range: this {self.family} model has {len(recordable)} "
-                        f"recordable attention layers (0..{len(recordable) - 1})"
+                        f"recordable attention layers for {relation} (0..{len(recordable) - 1})"
                     )
                 hits = [recordable[sel]]
             elif any(c in sel for c in "*?["):
@@ -189,16 +225,18 @@ class Adapter:
                     + ", ".join(s.name for s in self._sites)
                 )
             for s in hits:
-                if not s.has_text:
+                if not s.supports(relation):
                     if isinstance(sel, str) and sel == s.name:
-                        raise ValueError(
-                            f"layer {s.name} is image-only self-attention ({s.note}); it has no text keys to record"
-                        )
-                    continue  # a glob may cover image-only layers: skip them, they are labelled in sites()
+                        if relation == "image->text":
+                            raise ValueError(f"layer {s.name} is image-only self-attention ({s.note}); it has no "
+                                             "text keys to record")
+                        raise ValueError(f"layer {s.name} ({s.note or s.kind + ' attention'}) has no {relation} "
+                                         "attention: choose layers from sites() that have it")
+                    continue  # a glob may cover other kinds of layer: skip them, they are labelled in sites()
                 if s not in chosen:
                     chosen.append(s)
         if not chosen:
-            raise ValueError(f"the layer selection {layers!r} contains no layer with text keys")
+            raise ValueError(f"the layer selection {layers!r} contains no layer for relation {relation!r}")
         return chosen
 
     # ----- text -----

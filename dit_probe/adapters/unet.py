@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CROSS, Adapter, AttentionSite, Conditioning, TextStream
+from .base import CROSS, IMAGE_SELF, Adapter, AttentionSite, Conditioning, TextStream
 
 
 class UNetAdapter(Adapter):
@@ -21,7 +21,7 @@ class UNetAdapter(Adapter):
         sites = []
         for path, _ in self.denoiser.named_modules():
             parts = path.split(".")
-            if parts[-1] != "attn2" or "attentions" not in parts:
+            if parts[-1] not in ("attn1", "attn2") or "attentions" not in parts:
                 continue
             # e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn2
             where = {"down_blocks": "down", "up_blocks": "up", "mid_block": "mid"}[parts[0]]
@@ -30,9 +30,14 @@ class UNetAdapter(Adapter):
             else:
                 block, att, tb = parts[1], parts[3], parts[5]
             grid_path = ".".join(parts[: parts.index("attentions") + 2])  # the Transformer2DModel: 4D input
-            sites.append(AttentionSite(f"{where}.{block}.{att}.{tb}.cross", path, CROSS, grid_path=grid_path))
+            if parts[-1] == "attn2":
+                sites.append(AttentionSite(f"{where}.{block}.{att}.{tb}.cross", path, CROSS, grid_path=grid_path))
+            else:
+                sites.append(AttentionSite(f"{where}.{block}.{att}.{tb}.self", path, IMAGE_SELF,
+                                           "UNet self-attention (attn1): image queries and keys", grid_path=grid_path))
         order = {"down": 0, "mid": 1, "up": 2}
-        return sorted(sites, key=lambda s: (order[s.name.split(".")[0]], [int(p) for p in s.name.split(".")[1:4]]))
+        return sorted(sites, key=lambda s: (order[s.name.split(".")[0]], [int(p) for p in s.name.split(".")[1:4]],
+                                            s.name.endswith(".cross")))
 
     def streams(self, text_len=None):
         n = text_len if text_len is not None else self.pipe.tokenizer.model_max_length

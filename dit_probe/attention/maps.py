@@ -49,6 +49,10 @@ class AttentionMaps:
         # log-sum-exp came from the attention kernel itself; 'chunked': computed in query chunks (masks,
         # autograd, kernels that do not return it); 'naive': the full softmax (method='naive')
         self.paths: dict[str, dict[str, int]] = {}
+        # "queries->keys". image->text: each word's map over the image (the default); text->image: where a
+        # word's tokens, as queries, look in the image; image->image: a query set's map over the image;
+        # text->text: a word's attention over the text positions (y, x) = (1, text length)
+        self.relation = "image->text"
         self._chunks: list[dict] = []  # per generation: {"batch", "steps": {layer: {step: (data, mass)}}}
         self._data: dict[str, torch.Tensor] | None = None
         self._mass: dict[str, torch.Tensor | None] | None = None
@@ -182,6 +186,8 @@ class AttentionMaps:
         self._build()
         if normalise not in (None, "text"):
             raise ValueError(f"normalise must be None or 'text', got {normalise!r}")
+        if normalise == "text" and self.relation != "image->text":
+            raise ValueError(f"normalise='text' divides image->text maps by each query's text mass; these are {self.relation}")
         tmat, _ = self._token_matrix(word, stream)
         layers = self._layer_list(layer)
         sidx = self._step_index(step)
@@ -247,6 +253,7 @@ class AttentionMaps:
             "steps": self._steps,
             "grids": {k: list(v) for k, v in self.grids.items()},
             "paths": self.paths,
+            "relation": self.relation,
         }
         tmp = path / "maps.safetensors.tmp"
         save_file(tensors, str(tmp))
@@ -278,6 +285,7 @@ class AttentionMaps:
             m.grids = {k: tuple(v) for k, v in meta["grids"].items()}
             m._steps = meta["steps"]
             m.paths = meta.get("paths", {})  # absent in folders saved before it was kept
+            m.relation = meta.get("relation", "image->text")
             m._data = {k: tensors[f"maps::{k}"] for k in m.layers}
             m._mass = {k: tensors.get(f"mass::{k}") for k in m.layers}
         except (KeyError, TypeError, AttributeError) as err:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import get_adapter
-from ..adapters.base import CROSS, AttentionSite, as_list, check_occurrence, ensure_prompts
+from ..adapters.base import CROSS, AttentionSite, as_list, check_occurrence, check_relation, ensure_prompts
 from .maps import AttentionMaps
 
 _tls = threading.local()  # .capture: the _Capture of the processor call running on this thread
@@ -466,6 +466,8 @@ class Recorder:
         occurrence: str | int = "first",
         dtype: torch.dtype = torch.float32,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
+        relation: str = "image->text",
+        queries=None,
     ):
         self.adapter = get_adapter(pipe)
         self.adapter.check_recordable()
@@ -474,7 +476,17 @@ class Recorder:
         check_occurrence(occurrence)
         self.occurrence = occurrence
         self.token_indices = [int(i) for i in as_list(tokens)]
-        if not self.words and not self.token_indices:
+        check_relation(relation)
+        self.relation = relation
+        self.query_sets = _query_sets(queries) if relation == "image->image" else []
+        if relation == "image->image":
+            if self.words or self.token_indices:
+                raise ValueError("relation='image->image' records image queries: give queries={name: mask or (y, x)}, "
+                                 "not words or tokens")
+        elif queries is not None:
+            raise ValueError(f"queries= chooses image query sets for relation='image->image'; {relation} uses "
+                             "words=/tokens= (the text tokens)")
+        elif not self.words and not self.token_indices:
             raise ValueError("nothing to record: give words=[...] and/or tokens=[...] (text-sequence indices)")
         if heads not in ("mean", "keep"):
             raise ValueError(f"heads must be 'mean' or 'keep', got {heads!r}")
@@ -484,9 +496,10 @@ class Recorder:
         if method not in _STRATEGIES:
             raise ValueError(f"method must be 'auto', 'chunked' or 'naive', got {method!r}")
         self.branches = branches[branch]
-        self.sites = self.adapter.select_sites(layers)
+        self.sites = self.adapter.select_sites(layers, relation)
         self.steps = None if steps is None else [int(s) for s in as_list(steps)]
-        self.heads, self.text_mass, self.mean_over_steps = heads, text_mass, mean_over_steps
+        # the text mass is the denominator of normalise='text': a property of image queries over text keys
+        self.heads, self.text_mass, self.mean_over_steps = heads, text_mass and relation == "image->text", mean_over_steps
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype (the maps' storage dtype) must be torch.float32, float16, bfloat16 or float64, got {dtype}")
         self.method, self.chunk_size, self.dtype = method, chunk_size, dtype
@@ -495,6 +508,8 @@ class Recorder:
         self._lse = _STRATEGIES[method](chunk_size)  # chosen once; calls only ask it
         self.fixed_prompts = None if prompt is None else list(ensure_prompts(prompt))
         self.maps = AttentionMaps.empty(self.adapter.family, self.sites, self.branches, heads)
+        self.maps.relation = relation
+        self._query_weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._gen: _Generation | None = None
         self._n_gen = 0
         self._pending_prompt = None
@@ -556,7 +571,7 @@ class Recorder:
         branch_of_row = self.adapter.branches(self.adapter.batch_rows(args, kwargs), g.call_in_step)
         if g.batch is None:  # the generation's first call
             g.batch = sum(1 for b in branch_of_row if b == branch_of_row[-1])
-            self._check_budget(g, self.adapter.image_grid(args, kwargs))
+            self._check_budget(g, self.adapter.image_grid(args, kwargs), self.adapter.text_length(kwargs))
         g.rows, g.row_branch, g.row_item = _select_rows(branch_of_row, self.branches)
         if not g.rows:  # a call with none of the recorded branches (e.g. SD3's skip-layer guidance call)
             return
@@ -564,7 +579,7 @@ class Recorder:
         g.grid = self.adapter.image_grid(args, kwargs)
         layout = (tuple(g.rows), tuple(g.row_branch), tuple(g.row_item), g.text_len)
         if layout not in g.layouts:  # words -> positions once per layout and generation, not at every step
-            g.layouts[layout] = self._layout_targets(g)
+            g.layouts[layout] = self._layout_targets(g) if self.relation != "image->image" else self._layout_sets(g)
         g.cols, g.weights, g.row_index, g.store_index = g.layouts[layout]
 
     def _advance_step(self, g: _Generation, t: float) -> None:
@@ -604,27 +619,35 @@ class Recorder:
         return g is not None and bool(g.rows) and (g.wanted_steps is None or g.step in g.wanted_steps)
 
     # ----- memory: estimate and budget -----
-    def estimate(self, height: int, width: int, num_inference_steps: int, batch: int = 1) -> "RecordingSize":
-        """What one generation of ``batch`` images (per CFG branch) at height x width pixels will hold."""
-        return self._size(self.adapter.token_grid(height, width), num_inference_steps, batch)
+    def estimate(self, height: int, width: int, num_inference_steps: int, batch: int = 1,
+                 text_len: int | None = None) -> "RecordingSize":
+        """What one generation of ``batch`` images (per CFG branch) at height x width pixels will hold.
+        ``text_len``: the denoiser's text length (text->text only; default: the pipeline's default)."""
+        return self._size(self.adapter.token_grid(height, width), num_inference_steps, batch, text_len)
 
-    def _size(self, grid, num_steps: int, batch: int) -> "RecordingSize":
-        n_streams = len(self.adapter.streams()) if self.words else 0
-        targets = len(self.words) * n_streams + len(self.token_indices)
+    def _size(self, grid, num_steps: int, batch: int, text_len: int | None = None) -> "RecordingSize":
+        if self.relation == "image->image":
+            targets = len(self.query_sets)
+        else:
+            n_streams = len(self.adapter.streams()) if self.words else 0
+            targets = len(self.words) * n_streams + len(self.token_indices)
+        if self.relation.endswith("->text") and self.relation != "image->text" and text_len is None:
+            text_len = sum(s.length for s in self.adapter.streams())
         steps = 1 if self.mean_over_steps else (len(self.steps) if self.steps is not None else num_steps)
         per_layer = {}
         for site in self.sites:
             h, w = self.adapter.layer_grid(site, grid)
+            n = text_len if self.relation == "text->text" else h * w  # the keys a map spans
             heads = self.adapter.module(site).heads if self.heads == "keep" else 1
-            values = heads * targets * h * w + (heads * h * w if self.text_mass else 0)
+            values = heads * targets * n + (heads * n if self.text_mass else 0)
             per_layer[site.name] = values * steps * len(self.branches) * batch * self.dtype.itemsize
         return RecordingSize(per_layer, self.heads, steps, self.dtype)
 
-    def _check_budget(self, g: _Generation, grid) -> None:
+    def _check_budget(self, g: _Generation, grid, text_len: int) -> None:
         """Refuse a generation whose maps would take the recording past ``max_bytes``, before recording it."""
         if self.max_bytes is None or g.steps_total is None:  # a custom loop does not announce its steps
             return
-        size = self._size(grid, g.steps_total, g.batch)
+        size = self._size(grid, g.steps_total, g.batch, text_len)
         if self._held + size.total > self.max_bytes:
             raise RecordingTooLarge(
                 f"this recording would hold {_gib(self._held + size.total)} of maps ({_gib(size.total)} for this "
@@ -645,6 +668,37 @@ class Recorder:
         contiguous = r and r == list(range(r[0], r[-1] + 1))
         row_index = slice(r[0], r[-1] + 1) if contiguous else torch.tensor(r)
         return cols, weights, row_index, (torch.tensor(g.row_branch), torch.tensor(g.row_item))
+
+    def _layout_sets(self, g: _Generation):
+        """As _layout_targets, for image->image: the targets are the query sets (their weights per grid)."""
+        labels = [(name, "image") for name, _ in self.query_sets]
+        if not self.maps.tokens:
+            self.maps.tokens = [{"label": n, "stream": s} for n, s in labels]
+        r = g.rows
+        contiguous = r and r == list(range(r[0], r[-1] + 1))
+        row_index = slice(r[0], r[-1] + 1) if contiguous else torch.tensor(r)
+        return None, None, row_index, (torch.tensor(g.row_branch), torch.tensor(g.row_item))
+
+    def _set_weights(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query positions, weights (sets, positions)) of the image query sets on a (h, w) token grid:
+        a mask is resized by area averaging, a point (y, x) in [0, 1] takes its nearest token; each set's
+        weights sum to 1, so its map is the mean over its queries. Cached per grid."""
+        if grid not in self._query_weights:
+            h, w = grid
+            rows = []
+            for name, spec in self.query_sets:
+                if isinstance(spec, tuple):
+                    m = torch.zeros(h, w)
+                    m[min(int(spec[0] * h), h - 1), min(int(spec[1] * w), w - 1)] = 1.0
+                else:
+                    m = F.adaptive_avg_pool2d(spec[None, None], (h, w))[0, 0]
+                if m.sum() <= 0:
+                    raise ValueError(f"query set {name!r} covers no image token on a {h}x{w} layer grid: enlarge its mask")
+                rows.append((m / m.sum()).flatten())
+            weights = torch.stack(rows)
+            positions = weights.sum(0).nonzero().flatten()
+            self._query_weights[grid] = (positions, weights[:, positions])
+        return self._query_weights[grid]
 
     def _target_labels(self, streams: list[str]) -> list[tuple[str, str]]:
         """(label, stream) of each target: every word once per text stream, then the token indices."""
@@ -698,6 +752,8 @@ class Recorder:
         g = self._gen
         if not g.rows:
             return
+        if self.relation != "image->text":
+            return self._record_relation(site, q, k, attn_mask, scale, kernel_lse, source)
         r = _ImageRows.select(site, g.text_len, g.row_index, q, k, attn_mask, scale, kernel_lse, source)
         every_key_is_text = site.kind == CROSS and r.mask is None
         probs, mass, path = self._lse.probs_and_mass(r, g.cols, self.text_mass and not every_key_is_text)
@@ -710,6 +766,61 @@ class Recorder:
             maps = maps.mean(1, keepdim=True)
             mass = mass.mean(1, keepdim=True) if mass is not None else None
         self._store(g, site, maps.float(), None if mass is None else mass.float())
+
+    def _record_relation(self, site, q, k, attn_mask, scale, kernel_lse, source):
+        """text->image, text->text, image->image: the selected queries' probabilities over the relation's
+        keys, p = exp(q.k * scale - lse), reduced over each target's queries (their mean) as it goes, in
+        chunks of queries. The row log-sum-exp comes from the kernel when it gave one, else from chunks."""
+        g = self._gen
+        lay = site.layout(q.shape[-2], k.shape[-2], g.text_len)
+        q_side, k_side = self.relation.split("->")
+        keys = lay["k_" + k_side]
+        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        if q_side == "text":
+            qpos = g.cols.to(q.device) + lay["q_text"].start
+            w = g.weights / g.weights.sum(-1, keepdim=True).clamp(min=1)  # a word's pieces as queries: their mean
+        else:
+            grid = self._spatial[site.grid_path] if site.grid_path else g.grid
+            positions, set_w = self._set_weights(grid)
+            qpos = positions.to(q.device) + lay["q_image"].start
+            w = set_w.expand(len(g.rows), *set_w.shape)
+        w = w.to(q.device, dtype)
+        kk = k[g.row_index].to(dtype)
+        if kk.shape[1] != q.shape[1]:  # grouped-query attention, repeated as SDPA's enable_gqa does
+            kk = kk.repeat_interleave(q.shape[1] // kk.shape[1], dim=1)
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask.broadcast_to(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])[g.row_index]
+            if mask.dtype == torch.bool:
+                mask = torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
+            mask = mask.to(dtype)
+        sc = q.shape[-1] ** -0.5 if scale is None else scale
+        out = q.new_zeros(len(g.rows), q.shape[1], w.shape[1], keys.stop - keys.start, dtype=dtype)
+        per_query = len(g.rows) * q.shape[1] * k.shape[-2] * torch.finfo(dtype).bits // 8
+        c = self.chunk_size or max(16, CHUNK_BYTES // per_query)
+        for a in range(0, len(qpos), c):
+            idx = qpos[a : a + c]
+            qq = q[g.row_index][:, :, idx].to(dtype)
+            if kernel_lse is not None:
+                lse = kernel_lse[g.row_index][:, :, idx].to(dtype)
+            else:
+                logits = qq @ kk.transpose(-1, -2) * sc
+                if mask is not None:
+                    logits = logits + mask[:, :, idx]
+                lse = logits.logsumexp(-1)
+            logits = qq @ kk[:, :, keys].transpose(-1, -2) * sc
+            if mask is not None:
+                logits = logits + mask[:, :, idx][..., keys]
+            p = (logits - lse.unsqueeze(-1)).exp()  # (rows, heads, chunk, keys)
+            out += torch.einsum("rhqk,rtq->rhtk", p, w[:, :, a : a + c])
+        taken = self.maps.paths.setdefault(site.name, {})
+        path = source if kernel_lse is not None else "chunked"
+        taken[path] = taken.get(path, 0) + 1
+        if k_side == "text":  # maps over the text positions: a 1 x text_len "grid"
+            g.layer_grids[site.name] = (1, keys.stop - keys.start)
+        if self.heads == "mean":
+            out = out.mean(1, keepdim=True)
+        self._store(g, site, out.float(), None)
 
     def _store(self, g, site, maps, mass):
         step = -1 if self.mean_over_steps else g.step
@@ -763,6 +874,32 @@ class Recorder:
         return out
 
 
+def _query_sets(queries) -> list[tuple[str, object]]:
+    """[(name, mask (h, w) float tensor, or point (y, x) in [0, 1])] from ``queries``: a dict of such, or
+    one mask / point (named 'queries')."""
+    if queries is None:
+        raise ValueError("relation='image->image' needs queries=: {name: a 2D mask (any size, resized to each "
+                         "layer's grid) or a point (y, x) as fractions of the height and width}")
+    if not isinstance(queries, dict):
+        queries = {"queries": queries}
+    out = []
+    for name, spec in queries.items():
+        if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(isinstance(v, (int, float)) for v in spec):
+            y, x = float(spec[0]), float(spec[1])
+            if not (0 <= y <= 1 and 0 <= x <= 1):
+                raise ValueError(f"query point {name!r} = {spec}: give (y, x) as fractions of height and width, in [0, 1]")
+            out.append((str(name), (y, x)))
+            continue
+        mask = torch.as_tensor(spec)
+        if mask.ndim != 2 or mask.numel() == 0:
+            raise ValueError(f"query set {name!r}: a mask must be a 2D (height, width) array, got shape {tuple(mask.shape)}")
+        mask = mask.float()
+        if (mask < 0).any() or mask.sum() <= 0:
+            raise ValueError(f"query set {name!r}: the mask must be non-negative and select at least one pixel")
+        out.append((str(name), mask))
+    return out
+
+
 def _word_specs(words) -> list[tuple[str, str | list[str]]]:
     """(label, word or per-prompt words) pairs. A dict gives labelled roles whose word may differ per prompt,
     e.g. {"color": ["red", "blue"]} for the batch ["a red car", "a blue car"]."""
@@ -796,6 +933,12 @@ def record(pipe, words=None, tokens=None, layers=None, steps=None, heads="mean",
         ('auto', 'chunked', 'naive'), chunk_size (queries per chunk of the chunked path; default: as many
         as keep a chunk's logits within 32 MiB), occurrence: which occurrence of a word that appears
         more than once is recorded: 'first' (the default), 'all' (their maps summed) or k (the k-th, from 1).
+    Relations: relation='image->text' (the default: each word's map over the image), 'text->image' (the
+        word's tokens as queries: where they look in the image; joint attention only, a UNet's text has no
+        queries), 'text->text' (a word's attention over the text positions) or 'image->image' with
+        queries={name: a 2D mask (any size; resized to each layer's grid) or a point (y, x) in [0, 1]}
+        (each set's mean attention over the image; also UNet self-attention and SD3.5's image-only
+        attention). No (queries x keys) matrix is kept: queries are reduced as they are computed.
     Memory: dtype, the maps' storage dtype (default torch.float32; float16 or bfloat16 halve it; values
         are computed and summed in float32 whatever the model's dtype), and max_bytes, the budget of maps
         this recording may hold (default 8 GiB; None: no limit): a generation that would exceed it is
@@ -808,8 +951,9 @@ def record(pipe, words=None, tokens=None, layers=None, steps=None, heads="mean",
 
 
 def estimate_recording(pipe, height: int, width: int, num_inference_steps: int, batch: int = 1, words=None, tokens=None,
-                       layers=None, steps=None, heads="mean", branch="cond", **options) -> RecordingSize:
+                       layers=None, steps=None, heads="mean", branch="cond", text_len=None, **options) -> RecordingSize:
     """Bytes of maps that ``record(pipe, words, tokens, layers, steps, heads, branch, **options)`` will
     hold for one generation of ``batch`` images per prompt branch at height x width pixels, per layer
     (exact: the recorder stores these arrays). Nothing is installed on ``pipe``."""
-    return Recorder(pipe, words, tokens, layers, steps, heads, branch, **options).estimate(height, width, num_inference_steps, batch)
+    rec = Recorder(pipe, words, tokens, layers, steps, heads, branch, **options)
+    return rec.estimate(height, width, num_inference_steps, batch, text_len)

@@ -14,7 +14,8 @@ import yaml
 from PIL import Image
 
 from .attention import record
-from .attention.plot import plot_layer_step_grid, plot_word_maps
+from .attention import AttentionMaps
+from .attention.plot import plot_word_maps, write_pictures
 from .editing import MODES, EIMEditor
 from .figures import regenerate
 from .registry import MODELS, load_pipeline, sampling_settings
@@ -55,13 +56,33 @@ def _cmd_record(args):
     out = Path(args.out)
     maps, images = _generate_and_record(args.model, args.prompt, args.word, args.steps, args.guidance,
                                         args.seed, args.size, args.layer)
-    maps.save(out / "maps")
-    fig = plot_word_maps(maps, images=images)
-    fig.savefig(out / "word_maps.png", dpi=120)
-    fig = plot_layer_step_grid(maps, maps.words[0])
-    fig.savefig(out / "layer_step_grid.png", dpi=120)
+    maps.save(out / "maps", images=images)
+    written = write_pictures(maps, out, images=images)
     print(maps)
-    print(f"maps:    {out / 'maps'}\nfigures: {out / 'word_maps.png'}, {out / 'layer_step_grid.png'}")
+    print(f"maps:    {out / 'maps'}\npictures: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _cmd_maps(args):
+    """Pictures from saved maps: a folder written by maps.save (or by `dit-probe record`, which holds maps/)."""
+    folder = Path(args.folder)
+    if not (folder / "maps.json").exists() and (folder / "maps" / "maps.json").exists():
+        folder = folder / "maps"
+    maps = AttentionMaps.load(folder)
+    words = args.word or None
+    if words:
+        unknown = [w for w in words if w not in maps.words]
+        if unknown:
+            raise SystemExit(f"dit-probe maps: {', '.join(map(repr, unknown))} not recorded in {folder}; recorded: "
+                             f"{', '.join(maps.words)}")
+    if not 0 <= args.batch < maps.batch_size:
+        raise SystemExit(f"dit-probe maps: --batch {args.batch} out of range: {maps.batch_size} image(s) recorded")
+    out = Path(args.out or folder.parent / "pictures")
+    written = write_pictures(maps, out, words=words, batch=args.batch)
+    print(maps)
+    if maps.images is None:
+        print("(no images saved with these maps: maps drawn alone; save them with maps.save(path, images=...))")
+    print("\n".join(str(p) for p in written))
     return 0
 
 
@@ -80,7 +101,7 @@ def _cmd_demo(args):
             maps, images = _generate_and_record(model, [prompt], [color, shape, "background"], steps=None,
                                                 guidance=None, seed=args.seed, size=None, pipe=pipe)
             name = f"{model}-{color}-{shape}"
-            maps.save(out / f"maps-{name}")
+            maps.save(out / f"maps-{name}", images=images)
             fig = plot_word_maps(maps, images=images)
             fig.savefig(out / f"demo-{name}.png", dpi=120)
             plt.close(fig)
@@ -208,6 +229,11 @@ def main(argv=None) -> int:
     r.add_argument("--size", type=int, default=None, help="image height and width in pixels")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="outputs/record")
+    mp = sub.add_parser("maps", help="pictures from saved maps: overlays on the image, layer x step grids, GIFs over steps")
+    mp.add_argument("folder", help="a saved maps folder (maps.save), or a `dit-probe record` output folder")
+    mp.add_argument("--word", action="append", help="word to draw (repeatable); default every recorded word")
+    mp.add_argument("--batch", type=int, default=0, help="which image of the batch")
+    mp.add_argument("--out", default=None, help="where to write (default: pictures/ beside the maps folder)")
     d = sub.add_parser("demo", help="the main job on the embedded default: the toy models (offline, CPU, seconds)")
     d.add_argument("--out", default="outputs/demo")
     d.add_argument("--seed", type=int, default=0)
@@ -246,7 +272,7 @@ def main(argv=None) -> int:
     e.add_argument("--figure", default=None, help="also write a figure of held-out generations here (e.g. figures/toy-samples.png)")
     args = p.parse_args(argv)
     try:
-        return {"models": _cmd_models, "record": _cmd_record, "demo": _cmd_demo, "edit": _cmd_edit, "run": _cmd_run, "figures": _cmd_figures, "train-toy": _cmd_train_toy,
+        return {"models": _cmd_models, "record": _cmd_record, "maps": _cmd_maps, "demo": _cmd_demo, "edit": _cmd_edit, "run": _cmd_run, "figures": _cmd_figures, "train-toy": _cmd_train_toy,
                 "evaluate-toy": _cmd_evaluate_toy}[args.cmd](args)
     except (KeyError, ValueError, IndexError, FileNotFoundError, RuntimeError) as err:  # ConfigError is a ValueError
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -7,14 +7,19 @@ picks entries by name.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import torch
 
+from .attention import record
+from .attention.plot import write_pictures
 from .io import write_text
-from .registry import load_pipeline
+from .registry import load_pipeline, sampling_settings
 from .studies import STUDIES
 from .toyworld.evaluate import sample_figure
 
@@ -29,22 +34,46 @@ class Entry:
     files: tuple[str, ...]
 
 
-# every study with a toy config is an entry; nothing here repeats what the study declares
-ENTRIES = (Entry("toy-samples", "", "the toy pair (docs/design.md, section 4): held-out generations with the judge's "
-                 "readings", ("toy-samples.png",)),) + tuple(
-    Entry(s.name, s.toy_config, s.paper, s.figure_files) for s in STUDIES.values() if s.toy_config)
-
-
-def command(entry: Entry, figures="figures") -> str:
-    if entry.name == "toy-samples":
-        return f"dit-probe figures --only toy-samples --figures {figures}"
-    return f"dit-probe run {entry.name} --config experiments/{entry.config} --figures {figures}"
+PICTURE_PROMPT, PICTURE_SEED = "a large red star on a white background", 9_000_200
 
 
 def _toy_samples(figures: Path):
     fig = sample_figure({m: load_pipeline(m) for m in ("toy-mmdit", "toy-unet")})
     fig.savefig(figures / "toy-samples.png", dpi=130)
     plt.close(fig)
+
+
+def _attention_pictures(figures: Path):
+    """What `dit-probe record` + `dit-probe maps` draw, for each toy model: the words over the image, and
+    the colour word's map over the denoising steps (GIF)."""
+    for model in ("toy-mmdit", "toy-unet"):
+        pipe = load_pipeline(model)
+        with record(pipe, words=["red", "star"]) as maps:
+            images = pipe(PICTURE_PROMPT, generator=torch.Generator().manual_seed(PICTURE_SEED), output_type="pt",
+                          **sampling_settings(pipe)).images
+        with tempfile.TemporaryDirectory() as tmp:
+            write_pictures(maps, tmp, images=images)
+            shutil.copy(Path(tmp) / "word_maps.png", figures / f"maps-{model}.png")
+            shutil.copy(Path(tmp) / "steps-red.gif", figures / f"maps-{model}-red-steps.gif")
+
+
+# entries that are not studies: name -> (what they show, files, how they are made)
+PICTURES = {
+    "toy-samples": ("the toy pair (docs/design.md, section 4): held-out generations with the judge's readings",
+                    ("toy-samples.png",), _toy_samples),
+    "attention-pictures": ("attention maps of the toy pair drawn by `dit-probe maps`: words over the image, a word "
+                           "over the steps", tuple(f"maps-{m}{x}" for m in ("toy-mmdit", "toy-unet")
+                                                   for x in (".png", "-red-steps.gif")), _attention_pictures),
+}
+# every study with a toy config is an entry; nothing here repeats what the study declares
+ENTRIES = tuple(Entry(name, "", paper, files) for name, (paper, files, _) in PICTURES.items()) + tuple(
+    Entry(s.name, s.toy_config, s.paper, s.figure_files) for s in STUDIES.values() if s.toy_config)
+
+
+def command(entry: Entry, figures="figures") -> str:
+    if entry.name in PICTURES:
+        return f"dit-probe figures --only {entry.name} --figures {figures}"
+    return f"dit-probe run {entry.name} --config experiments/{entry.config} --figures {figures}"
 
 
 def write_index(figures: Path, seconds: dict | None = None) -> Path:
@@ -76,10 +105,10 @@ def regenerate(figures="figures", runs="runs", only=None, log=None) -> dict:
         if only and e.name not in only:
             continue
         t0 = time.time()
-        fresh = e.name == "toy-samples" or not (runs / e.name).exists()  # nothing cached: a true timing
+        fresh = e.name in PICTURES or not (runs / e.name).exists()  # nothing cached: a true timing
         log(f"== {e.name}: {e.paper}")
-        if e.name == "toy-samples":
-            _toy_samples(figures)
+        if e.name in PICTURES:
+            PICTURES[e.name][2](figures)
         else:
             s = STUDIES[e.name]
             s.run(s.config_from(ROOT / "experiments" / e.config), out=runs / e.name, figures=figures, log=log)

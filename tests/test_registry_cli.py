@@ -79,7 +79,8 @@ def test_cli_record_writes_maps_and_figures(tmp_path, capsys):
     maps = AttentionMaps.load(tmp_path / "maps")
     assert maps.words == ["red", "car"] and maps.steps == [0, 1] and maps.family == "flux"
     assert (tmp_path / "word_maps.png").stat().st_size > 1000
-    assert (tmp_path / "layer_step_grid.png").stat().st_size > 1000
+    assert (tmp_path / "grid-red.png").stat().st_size > 1000 and (tmp_path / "steps-car.gif").exists()
+    assert maps.images is not None and len(maps.images) == 1  # saved with the maps, for later pictures
     assert str(tmp_path / "word_maps.png") in capsys.readouterr().out
 
 

@@ -22,8 +22,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 AXES = ("step", "layer", "branch", "batch", "head", "token", "y", "x")
@@ -53,6 +55,8 @@ class AttentionMaps:
         # word's tokens, as queries, look in the image; image->image: a query set's map over the image;
         # text->text: a word's attention over the text positions (y, x) = (1, text length)
         self.relation = "image->text"
+        self.settings: dict = {}  # how it was recorded (the recorder's options, dit_probe version): provenance
+        self.images = None  # the generated images, when saved with the maps (list of (H, W, 3) uint8 arrays)
         self._chunks: list[dict] = []  # per generation: {"batch", "steps": {layer: {step: (data, mass)}}}
         self._data: dict[str, torch.Tensor] | None = None
         self._mass: dict[str, torch.Tensor | None] | None = None
@@ -232,11 +236,20 @@ class AttentionMaps:
         return t[:, :, 0, batch, :, 0].nanmean(dim=(0, 1, 2))
 
     # ----- save / load -----
-    def save(self, path) -> Path:
-        """Write ``path/maps.safetensors`` (tensors) and ``path/maps.json`` (metadata), atomically."""
+    def save(self, path, images=None) -> Path:
+        """Write ``path/maps.safetensors`` (tensors) and ``path/maps.json`` (metadata), atomically; and
+        the generated ``images`` (a (B, 3, H, W) tensor in [0, 1], or PIL images / arrays) as
+        ``path/images/<i>.png``, so pictures can be drawn over them later (``dit-probe maps``)."""
         self._build()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        if images is not None:
+            self.images = _as_uint8_images(images)
+            (path / "images").mkdir(exist_ok=True)
+            for i, im in enumerate(self.images):
+                tmp = path / "images" / f"{i}.tmp.png"
+                Image.fromarray(im).save(tmp)
+                os.replace(tmp, path / "images" / f"{i}.png")
         tensors = {f"maps::{k}": v.contiguous() for k, v in self._data.items()}
         tensors.update({f"mass::{k}": v.contiguous() for k, v in self._mass.items() if v is not None})
         meta = {
@@ -254,6 +267,7 @@ class AttentionMaps:
             "grids": {k: list(v) for k, v in self.grids.items()},
             "paths": self.paths,
             "relation": self.relation,
+            "settings": self.settings,
         }
         tmp = path / "maps.safetensors.tmp"
         save_file(tensors, str(tmp))
@@ -286,9 +300,22 @@ class AttentionMaps:
             m._steps = meta["steps"]
             m.paths = meta.get("paths", {})  # absent in folders saved before it was kept
             m.relation = meta.get("relation", "image->text")
+            m.settings = meta.get("settings", {})
             m._data = {k: tensors[f"maps::{k}"] for k in m.layers}
             m._mass = {k: tensors.get(f"mass::{k}") for k in m.layers}
         except (KeyError, TypeError, AttributeError) as err:
             raise MapsFileError(f"{path} does not hold a complete AttentionMaps (missing {err}); {redo}") from None
         m._chunks = [None]  # loaded: built already
+        shots = sorted((path / "images").glob("[0-9]*.png"), key=lambda f: int(f.stem)) if (path / "images").is_dir() else []
+        if shots:
+            m.images = [np.asarray(Image.open(f).convert("RGB")) for f in shots]
         return m
+
+
+def _as_uint8_images(images) -> list[np.ndarray]:
+    """(H, W, 3) uint8 arrays from a (B, 3, H, W) float tensor in [0, 1], or a list of PIL images / arrays."""
+    if isinstance(images, torch.Tensor):
+        x = images.detach().float().cpu().clamp(0, 1)
+        x = x[None] if x.ndim == 3 else x
+        return [(im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for im in x]
+    return [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im).astype(np.uint8) for im in images]

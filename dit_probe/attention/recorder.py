@@ -29,6 +29,7 @@ import contextlib
 import inspect
 import threading
 from dataclasses import dataclass, field
+from importlib.metadata import version
 
 import torch
 import torch.nn.functional as F
@@ -509,6 +510,14 @@ class Recorder:
         self.fixed_prompts = None if prompt is None else list(ensure_prompts(prompt))
         self.maps = AttentionMaps.empty(self.adapter.family, self.sites, self.branches, heads)
         self.maps.relation = relation
+        self.maps.settings = {  # provenance: how these maps were recorded
+            "dit_probe": version("dit_probe"), "pipeline": type(self.pipe).__name__, "relation": relation, "heads": heads,
+            "branch": branch, "method": method, "dtype": str(dtype).removeprefix("torch."),
+            "steps": self.steps, "layers": None if layers is None else [str(x) for x in as_list(layers)],
+            "words": {label: spec for label, spec in self.words}, "tokens": self.token_indices,
+            "queries": [name for name, _ in self.query_sets], "occurrence": occurrence,
+            "mean_over_steps": mean_over_steps, "text_mass": self.text_mass,
+        }
         self._query_weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._gen: _Generation | None = None
         self._n_gen = 0

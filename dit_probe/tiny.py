@@ -187,18 +187,19 @@ def tiny_sd3(seed: int = 0, sd35: bool = False, num_layers: int = 3, heads: int 
     )
 
 
-def tiny_flux(seed: int = 0):
+def tiny_flux(seed: int = 0, num_layers: int = 1, num_single_layers: int = 2, t5_length: int = T5_MAX_LENGTH):
     """FluxPipeline: 1 double-stream and 2 single-stream blocks, RoPE, guidance embedding (like dev).
 
     Image 32x32 -> latent 16x16 (4 ch) -> packed 2x2 -> 64 image tokens; text = 16 T5 tokens.
+    ``benchmarks/`` builds a narrow one with real token counts (512 T5 tokens; 1024 image tokens at 128 px).
     """
     torch.manual_seed(seed)
-    tok, tok_t5 = clip_tokenizer(), t5_tokenizer()
+    tok, tok_t5 = clip_tokenizer(), t5_tokenizer(t5_length)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,  # 4 x VAE latent channels (2x2 packing)
-        num_layers=1,
-        num_single_layers=2,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=32,  # == T5 d_model

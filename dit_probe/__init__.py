@@ -1,9 +1,22 @@
 """dit_probe: mechanistic interpretability instruments for text-to-image diffusion models."""
 
-from .adapters import get_adapter
-from .attention import AttentionMaps, record
-from .registry import MODELS, load_pipeline, sampling_settings
-from .tiny import tiny_pipeline
+import logging as _logging
+
+
+class _NoTorchvisionNotice(_logging.Filter):
+    """dit_probe leaves torchvision out on purpose (it does not work with the CPU torch build); transformers
+    announces its PIL fallback for every image processor on import. Only that notice is dropped."""
+
+    def filter(self, record):
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
+
+from .adapters import get_adapter  # noqa: E402
+from .attention import AttentionMaps, record  # noqa: E402
+from .registry import MODELS, load_pipeline, sampling_settings  # noqa: E402
+from .tiny import tiny_pipeline  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["AttentionMaps", "MODELS", "get_adapter", "load_pipeline", "record", "sampling_settings", "tiny_pipeline", "__version__"]

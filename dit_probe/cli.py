@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .attention import record
 from .attention import AttentionMaps
@@ -52,7 +53,28 @@ def _generate_and_record(model, prompts, words, steps, guidance, seed, size, lay
     return maps, images
 
 
+def _positive(name: str, value) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _readable_image(flag: str, path) -> Image.Image:
+    """Open an image given on the command line, before any model is loaded: a clear error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path} does not exist (or is not a file)")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{flag} {path} is not an image that can be read ({type(err).__name__}: {err}); give a PNG "
+                         "or JPEG file") from None
+    return image
+
+
 def _cmd_record(args):
+    _positive("--steps", args.steps)
+    _positive("--size", args.size)
     out = Path(args.out)
     maps, images = _generate_and_record(args.model, args.prompt, args.word, args.steps, args.guidance,
                                         args.seed, args.size, args.layer)
@@ -164,12 +186,12 @@ def _cmd_edit(args):
         alphas = [float(a) for a in args.alphas.split(",")]
     except ValueError:
         raise ValueError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
+    EIMEditor._alphas(alphas)  # non-finite alphas fail, and far ones warn, before the model loads
     path = Path(args.image)
-    if not path.exists():
-        raise FileNotFoundError(f"--image {path} does not exist")
+    image = _readable_image("--image", path)  # inputs are checked before the model loads
+    reference = _readable_image("--reference", args.reference) if args.reference else None
     editor = EIMEditor(load_pipeline(args.model), strength=args.strength)
-    reference = Image.open(args.reference) if args.reference else None
-    result = editor.edit(Image.open(path), args.source, args.target, alphas, mode=args.mode, seed=args.seed,
+    result = editor.edit(image, args.source, args.target, alphas, mode=args.mode, seed=args.seed,
                          phrase=args.phrase, reference=reference)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +293,8 @@ def main(argv=None) -> int:
     e.add_argument("--runs", default="runs/toy", help="training run folder (for the loss log in the card)")
     e.add_argument("--figure", default=None, help="also write a figure of held-out generations here (e.g. figures/toy-samples.png)")
     args = p.parse_args(argv)
+    plain_format = warnings.formatwarning  # warnings as one line each, like errors; put back on return
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"dit-probe {args.cmd}: warning: {message}\n"
     try:
         return {"models": _cmd_models, "record": _cmd_record, "maps": _cmd_maps, "demo": _cmd_demo, "edit": _cmd_edit, "run": _cmd_run, "figures": _cmd_figures, "train-toy": _cmd_train_toy,
                 "evaluate-toy": _cmd_evaluate_toy}[args.cmd](args)
@@ -278,6 +302,8 @@ def main(argv=None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dit-probe {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = plain_format
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ or a pipeline object passed through."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import diffusers
+from diffusers.utils import logging as dlogging
+from transformers.utils import logging as tlogging
 
 from . import toyworld
 from .architectures import MODELS as ARCHITECTURES
@@ -163,9 +166,25 @@ def _pipeline_class_of(folder: Path):
     return cls, absent
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No 'Loading pipeline components' / 'Loading weights' bars while a pipeline loads (restored after)."""
+    was = dlogging.is_progress_bar_enabled(), tlogging.is_progress_bar_enabled()
+    dlogging.disable_progress_bar()
+    tlogging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlogging.enable_progress_bar()
+        if was[1]:
+            tlogging.enable_progress_bar()
+
+
 def _from_pretrained(cls, where, torch_dtype, spec: ModelSpec | None = None, **kwargs):
     try:
-        return cls.from_pretrained(where, torch_dtype=torch_dtype, **kwargs)
+        with _quiet_loading():
+            return cls.from_pretrained(where, torch_dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:  # hub client / missing files
         if spec is None:
             raise

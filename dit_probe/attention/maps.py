@@ -89,10 +89,13 @@ class AttentionMaps:
         if self._data is not None:
             return
         if not self._chunks:
-            raise ValueError(
-                "no attention was recorded: was the pipeline called inside the `with record(...)` block, "
-                "and do the selected steps exist?"
-            )
+            calls = getattr(self, "_denoiser_calls", None)
+            if not calls:
+                raise ValueError("no attention was recorded: the pipeline made no denoiser call inside the "
+                                 "`with record(...)` block. Call it inside the block, with num_inference_steps >= 1")
+            raise ValueError(f"no attention was recorded: the denoiser ran {calls} time(s), but never at a selected "
+                             f"step ({self.settings.get('steps') or 'all'}) with a selected branch ({self.branches}); "
+                             "e.g. branch='uncond' needs classifier-free guidance (guidance_scale > 1)")
         steps = sorted({s for c in self._chunks for lay in c["layers"].values() for s in lay})
         self._steps = steps
         self._data, self._mass = {}, {}

@@ -572,6 +572,7 @@ class Recorder:
 
     # ----- generation / step tracking -----
     def _on_denoiser_call(self, module, args, kwargs):
+        self.maps._denoiser_calls = getattr(self.maps, "_denoiser_calls", 0) + 1
         t = self.adapter.timestep_of(args, kwargs)
         if self._gen is None or self._prompt_taken:
             self._start_generation()
@@ -899,11 +900,16 @@ def _query_sets(queries) -> list[tuple[str, object]]:
                 raise ValueError(f"query point {name!r} = {spec}: give (y, x) as fractions of height and width, in [0, 1]")
             out.append((str(name), (y, x)))
             continue
-        mask = torch.as_tensor(spec)
+        try:
+            mask = torch.as_tensor(spec, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            mask = None
+        if mask is None or mask.ndim != 2 or mask.numel() == 0:
+            got = f"shape {tuple(mask.shape)}" if mask is not None else type(spec).__name__
+            raise ValueError(f"query set {name!r}: give a 2D (height, width) mask or a point (y, x) in [0, 1]; got {got}")
         if mask.ndim != 2 or mask.numel() == 0:
             raise ValueError(f"query set {name!r}: a mask must be a 2D (height, width) array, got shape {tuple(mask.shape)}")
-        mask = mask.float()
-        if (mask < 0).any() or mask.sum() <= 0:
+        if not torch.isfinite(mask).all() or (mask < 0).any() or mask.sum() <= 0:
             raise ValueError(f"query set {name!r}: the mask must be non-negative and select at least one pixel")
         out.append((str(name), mask))
     return out

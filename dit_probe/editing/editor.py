@@ -46,6 +46,9 @@ MODES = {
 }
 
 
+ALPHA_WARN = 5.0  # |alpha| beyond this draws a warning: the studies sweep alpha within [-3, 3]
+
+
 class EditInputError(ValueError):
     """An edit request that cannot be carried out as given."""
 
@@ -146,6 +149,10 @@ class EIMEditor:
             items = images if isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4) else [images]
             arrays = []
             for im in items:
+                mode = getattr(im, "mode", "RGB")
+                if mode != "RGB":  # a valid input, but not what it looks like once converted: say so
+                    lost = "; its transparency is dropped (the colour channels are kept as they are)" if "A" in mode or "transparency" in getattr(im, "info", {}) else ""
+                    warnings.warn(f"the image is in PIL mode {mode!r}, converted to RGB{lost}", stacklevel=3)
                 a = np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)
                 if a.ndim != 3 or a.shape[-1] != 3:
                     raise EditInputError(f"an image must be H x W x 3 RGB; got an array of shape {a.shape}")
@@ -173,6 +180,11 @@ class EIMEditor:
         bad = [a for a in values if not math.isfinite(a)]
         if bad:
             raise EditInputError(f"alpha must be a finite number; got {bad}")
+        far = [a for a in values if abs(a) > ALPHA_WARN]
+        if far:
+            warnings.warn(f"alpha {far} is far outside the range edits are made and measured in (|alpha| <= "
+                          f"{ALPHA_WARN:g}; alpha 1 is the full step from source to target): expect an image off the "
+                          "model's manifold", stacklevel=3)
         return torch.tensor(values, dtype=torch.float32)
 
     # ----- Encode -----

@@ -1,6 +1,7 @@
 """dit_probe: mechanistic interpretability instruments for text-to-image diffusion models."""
 
 import logging as _logging
+import warnings as _warnings
 
 
 class _NoTorchvisionNotice(_logging.Filter):
@@ -12,6 +13,9 @@ class _NoTorchvisionNotice(_logging.Filter):
 
 
 _logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
+# in Jupyter without ipywidgets, importing diffusers' tqdm.auto warns about notebook progress widgets;
+# dit_probe turns those progress bars off, so the notice is noise in every notebook
+_warnings.filterwarnings("ignore", message="IProgress not found")
 
 from .adapters import get_adapter  # noqa: E402
 from .attention import AttentionMaps, record  # noqa: E402

@@ -205,6 +205,9 @@ def _cmd_edit(args):
 
 
 def _cmd_train_toy(args):
+    _positive("--steps", args.steps)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
     cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, threads=args.threads)
     stages = tuple(args.stage or ("shared", "data", "mmdit", "unet", "ship"))
     train(cfg, stages=stages, ship_to=Path(args.ship_to) if args.ship_to else None)
@@ -214,6 +217,9 @@ def _cmd_train_toy(args):
 
 
 def _cmd_evaluate_toy(args):
+    _positive("--n", args.n)
+    if args.n_omit < 0:
+        raise ValueError(f"--n-omit must be 0 (skip the omitted-attribute check) or more, got {args.n_omit}")
     for model in args.model or ["toy-mmdit", "toy-unet"]:
         pipe = load_pipeline(model)
         results = evaluate(pipe, n=args.n, n_omit=args.n_omit, log=lambda m, model=model: print(f"{model}: {m}"))

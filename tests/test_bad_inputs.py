@@ -56,6 +56,12 @@ CLI_CASES = [
     (["maps", "{tmp}/missing"], "not a saved AttentionMaps folder"),
     (["run", "probing", "--config", "{tmp}/notes.txt"], "must hold a mapping of settings"),
     (["run", "probing", "--config", "{tmp}/missing.yaml"], "does not exist"),
+    (["figures", "--only", "nope"], "unknown figure entries ['nope']"),
+    (["evaluate-toy", "--n", "0"], "--n must be at least 1"),
+    (["evaluate-toy", "--n-omit", "-1"], "--n-omit must be 0"),
+    (["evaluate-toy", "--model", "nope"], "unknown model 'nope'"),
+    (["train-toy", "--steps", "0", "--out", "{tmp}/run"], "--steps must be at least 1"),
+    (["train-toy", "--threads", "-2", "--out", "{tmp}/run"], "--threads must be 0"),
 ]
 
 
@@ -211,3 +217,31 @@ def test_query_set_parser_on_garbage(pipes, spec):
         rec.__exit__(None, None, None)
     except ValueError as err:
         assert "query" in str(err), err
+
+
+def test_judge_source_and_probe_bad_inputs():
+    from dit_probe.probing import probe
+    from dit_probe.probing.probes import ProbeDataError
+    from dit_probe.studies.sources import CelebAError, CelebASource, ToySource
+    from dit_probe.toyworld import Judge
+
+    judge = Judge()
+    for images, says in [(np.zeros((32, 32)), "shaped \\(N, H, W, 3\\)"), (np.zeros((2, 32, 32, 4), np.uint8), "shaped"),
+                         (torch.zeros(1, 3, 16, 16), "reads 32x32 images"),
+                         (np.full((1, 32, 32, 3), np.nan, dtype=np.float32), "NaN or infinite")]:
+        with pytest.raises(ValueError, match=says):
+            judge.read(images)
+    with pytest.raises(ValueError, match="at least 1"):
+        ToySource().sample(0, seed=1)
+    with pytest.raises(KeyError, match="not 'hat'"):
+        ToySource().check("hat")
+    with pytest.raises(CelebAError, match="does not exist"):
+        CelebASource("/nonexistent/celeba")
+    X, labels, groups = np.random.default_rng(0).random((10, 4)), ["a", "b"] * 5, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    with pytest.raises(ProbeDataError, match="same images"):
+        probe(X, X[:7], labels, groups)
+    with pytest.raises(ProbeDataError, match="at least 5 seeds|too few"):
+        probe(X, None, labels, [0] * 10)
+    X[3, 1] = np.nan
+    with pytest.raises(ProbeDataError, match="NaN or infinite features"):
+        probe(X, None, labels, groups)

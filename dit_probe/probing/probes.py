@@ -209,6 +209,10 @@ def probe(X_own, X_other, labels, groups, settings: ProbeSettings | None = None,
             f"X_own {X_own.shape}, X_other {None if X_other is None else X_other.shape} and labels ({len(labels)}) "
             "must describe the same images"
         )
+    for name, X in (("X_own", X_own), ("X_other", X_other)):
+        if X is not None and not np.isfinite(X).all():
+            raise ProbeDataError(f"{name} holds NaN or infinite features ({int((~np.isfinite(X)).sum())} values): maps "
+                                 "of a layer or step that was not recorded are NaN; select recorded ones")
     real = summarise(out_of_fold(X_own, X_other, labels, groups, settings), groups, settings)
     control = summarise(out_of_fold(X_own, X_other, labels, groups, settings, shuffled=True), groups, settings)
     for r, c in zip(real, control):

@@ -68,6 +68,8 @@ class ToySource:
         the toy models' 32x32; another ``size`` is refused (the toy judge reads 32x32 only)."""
         if size not in (None, IMAGE_SIZE):
             raise ValueError(f"toy renders are {IMAGE_SIZE}x{IMAGE_SIZE}; this model works at {size}: use a toy model")
+        if int(n) < 1:
+            raise ValueError(f"the number of scenes to sample must be at least 1, got {n}")
 
         if binary is None:
             items = scenes(n, seed)

@@ -41,6 +41,9 @@ def as_array(images) -> np.ndarray:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected RGB images shaped (N, H, W, 3), got an array of shape {x.shape}")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise ValueError(f"the images contain NaN or infinite values ({int((~np.isfinite(x)).sum())} of {x.size}): a "
+                         "generation or an edit went wrong upstream; the judge reads only finite pixels")
     if x.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(
             f"the toy judge reads {IMAGE_SIZE}x{IMAGE_SIZE} images, got {x.shape[1]}x{x.shape[2]}: "

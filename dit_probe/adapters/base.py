@@ -98,6 +98,16 @@ class AttentionSite:
 
 
 @dataclass(frozen=True)
+class HiddenSite:
+    """An internal state of the denoiser a user may read or change: the output of a block (h-space)."""
+
+    name: str  # canonical, e.g. "mid.out", "block.07.image", "double.03.text"
+    path: str  # the module whose forward output holds the state
+    part: int | None = None  # index into that module's output tuple, None when the output is the state
+    layout: str = "tokens"  # "tokens": (B, N, C); "spatial": (B, C, H, W)
+
+
+@dataclass(frozen=True)
 class TextStream:
     name: str  # "clip" or "t5"
     tokenizer: Any
@@ -169,6 +179,16 @@ class Adapter:
 
     def _find_sites(self) -> list[AttentionSite]:
         raise NotImplementedError
+
+    def hidden_sites(self) -> list[HiddenSite]:
+        """The internal states ``intervene`` and ``record_states`` can reach, in forward order."""
+        raise NotImplementedError
+
+    def hidden_site(self, name: str) -> HiddenSite:
+        by_name = {h.name: h for h in self.hidden_sites()}
+        if name not in by_name:
+            raise KeyError(f"unknown hidden site {name!r} for this {self.family} model; sites are: {', '.join(by_name)}")
+        return by_name[name]
 
     def sites(self, recordable_only: bool = False) -> list[AttentionSite]:
         return [s for s in self._sites if s.has_text] if recordable_only else list(self._sites)
@@ -299,6 +319,10 @@ class Adapter:
         """The image-token grid at ``site`` when the denoiser's input grid is ``grid`` (the same for
         every layer of a DiT)."""
         return tuple(grid)
+
+    def scheduler_timestep(self, call_t: float) -> float:
+        """A denoiser call's timestep in the scheduler's units (what ``scheduler.timesteps`` holds)."""
+        return call_t
 
     def timestep_of(self, call_args: tuple, call_kwargs: dict) -> float:
         t = call_kwargs.get("timestep")

@@ -18,6 +18,7 @@ from .base import (
     Adapter,
     AttentionSite,
     Conditioning,
+    HiddenSite,
     TextStream,
     block_name,
     check_strength,
@@ -47,6 +48,15 @@ class FluxAdapter(FlowMatchingMaths, Adapter):
         ]
         return sites
 
+    def hidden_sites(self):
+        """Every block's text and image outputs; single-stream blocks return them split, as double ones do."""
+        out = []
+        for kind, blocks in (("double", "transformer_blocks"), ("single", "single_transformer_blocks")):
+            for i in range(len(getattr(self.denoiser, blocks))):
+                out.append(HiddenSite(block_name(kind, i, "image"), f"{blocks}.{i}", part=1))
+                out.append(HiddenSite(block_name(kind, i, "text"), f"{blocks}.{i}", part=0))
+        return out
+
     def streams(self, text_len=None):
         n = text_len if text_len is not None else self.default_max_sequence_length
         return [TextStream("t5", self.pipe.tokenizer_2, 0, n)]
@@ -55,6 +65,9 @@ class FluxAdapter(FlowMatchingMaths, Adapter):
         ids = call_kwargs["img_ids"]
         ids = ids[0] if ids.ndim == 3 else ids
         return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+
+    def scheduler_timestep(self, call_t):
+        return call_t * 1000  # FluxPipeline passes timestep / 1000 to the transformer
 
     def token_grid(self, height, width):
         f = self.vae_scale_factor * 2  # latents are packed 2x2 into tokens

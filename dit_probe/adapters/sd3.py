@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import IMAGE_SELF, JOINT_IMAGE_TEXT, Adapter, AttentionSite, Conditioning, TextStream, block_name
+from .base import IMAGE_SELF, JOINT_IMAGE_TEXT, Adapter, AttentionSite, Conditioning, HiddenSite, TextStream, block_name
 from .flow import FlowMatchingMaths
 
 
@@ -48,6 +48,15 @@ class SD3Adapter(FlowMatchingMaths, Adapter):
                     )
                 )
         return sites
+
+    def hidden_sites(self):
+        """Each joint block's two output streams (the last block has no text output)."""
+        out = []
+        for i, block in enumerate(self.denoiser.transformer_blocks):
+            out.append(HiddenSite(block_name("block", i, "image"), f"transformer_blocks.{i}", part=1))
+            if not getattr(block, "context_pre_only", False):
+                out.append(HiddenSite(block_name("block", i, "text"), f"transformer_blocks.{i}", part=0))
+        return out
 
     def streams(self, text_len=None):
         clip_len = self.pipe.tokenizer.model_max_length

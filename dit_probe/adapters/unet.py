@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CROSS, IMAGE_SELF, Adapter, AttentionSite, Conditioning, TextStream
+from .base import CROSS, IMAGE_SELF, Adapter, AttentionSite, HiddenSite, Conditioning, TextStream
 
 
 class UNetAdapter(Adapter):
@@ -38,6 +38,14 @@ class UNetAdapter(Adapter):
         order = {"down": 0, "mid": 1, "up": 2}
         return sorted(sites, key=lambda s: (order[s.name.split(".")[0]], [int(p) for p in s.name.split(".")[1:4]],
                                             s.name.endswith(".cross")))
+
+    def hidden_sites(self):
+        """Each down block's output (before its skip connections), the bottleneck (h-space) and each up block's."""
+        d = self.denoiser
+        out = [HiddenSite(f"down.{i}.out", f"down_blocks.{i}", part=0, layout="spatial") for i in range(len(d.down_blocks))]
+        out.append(HiddenSite("mid.out", "mid_block", layout="spatial"))
+        out += [HiddenSite(f"up.{i}.out", f"up_blocks.{i}", layout="spatial") for i in range(len(d.up_blocks))]
+        return out
 
     def streams(self, text_len=None):
         n = text_len if text_len is not None else self.pipe.tokenizer.model_max_length

@@ -29,6 +29,10 @@ class EditDirection:
     # the paper's per-alpha form: image is (B, A, C, h, w), one n_zt distilled at each of these alphas and
     # added unscaled (None: one n_zt, scaled by alpha)
     image_alphas: list[float] | None = None
+    # h-space: site -> delta h per image (B, *state) or shared (1, *state), added as alpha * delta at every
+    # denoising step in hidden_steps (scheduler-step indices; None: all), in both CFG branches
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden_steps: list[int] | None = None
     meta: dict = field(default_factory=dict)  # mode, prompts, phrases, strength, timestep, settings, ...
 
     def image_at(self, alpha: float = 1.0) -> torch.Tensor | None:
@@ -43,11 +47,29 @@ class EditDirection:
         for x in (self.text_embeds, self.image):
             if x is not None:
                 return x.shape[0]
-        return 0
+        per_image = [d.shape[0] for d in self.hidden.values() if d.shape[0] > 1]
+        return per_image[0] if per_image else 0  # a shared hidden direction fits any number of images
 
     @property
     def sides(self) -> list[str]:
-        return [name for name, x in (("text", self.text_embeds), ("image", self.image)) if x is not None]
+        return [name for name, x in (("text", self.text_embeds), ("image", self.image), ("hidden", self.hidden or None))
+                if x is not None]
+
+    def hidden_edits(self, alphas: torch.Tensor, first_row: int, rows: int) -> dict:
+        """``intervene`` edits for a chunk of Manipulate's B*A rows (row b*A + a: image b at alphas[a]) that
+        starts at row ``first_row`` and holds ``rows`` rows; a CFG call stacks the chunk twice."""
+        a = len(alphas)
+
+        def edit_for(delta):
+            def edit(h, call):
+                g = first_row + torch.tensor(call.rows) % rows  # each selected row's place among the B*A rows
+                scale = alphas.to(h.device, h.dtype)[g % a].view(-1, *([1] * (h.ndim - 1)))
+                d = delta.to(h.device, h.dtype)
+                d = d[(g // a).clamp(max=len(d) - 1)] if len(d) > 1 else d.expand(len(g), *d.shape[1:])
+                return h + scale * d
+            return edit
+
+        return {site: edit_for(delta) for site, delta in self.hidden.items()}
 
     def apply_text(self, base: Conditioning, alphas: torch.Tensor) -> Conditioning:
         """``base`` (B rows) -> B*A rows, row b*A + a holding z_c0[b] + alphas[a] * n_c[b]."""
@@ -79,9 +101,11 @@ class EditDirection:
         path = Path(path)
         tensors = {k: getattr(self, k).contiguous().cpu() for k in ("text_embeds", "text_pooled", "image")
                    if getattr(self, k) is not None}
+        tensors.update({f"hidden::{site}": d.contiguous().cpu() for site, d in self.hidden.items()})
         if not tensors:
-            raise ValueError("an empty direction (no text and no image side) cannot be saved")
-        meta = {"dit_probe_direction": json.dumps({**self.meta, "image_alphas": self.image_alphas}, default=str)}
+            raise ValueError("an empty direction (no text, image or hidden side) cannot be saved")
+        meta = {"dit_probe_direction": json.dumps({**self.meta, "image_alphas": self.image_alphas,
+                                                   "hidden_steps": self.hidden_steps}, default=str)}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -95,7 +119,9 @@ class EditDirection:
                 raise ValueError(f"{path} is a safetensors file but not a saved EditDirection")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(info["dit_probe_direction"])
-        return cls(**tensors, image_alphas=meta.pop("image_alphas", None), meta=meta)
+        hidden = {k.removeprefix("hidden::"): tensors.pop(k) for k in list(tensors) if k.startswith("hidden::")}
+        return cls(**tensors, image_alphas=meta.pop("image_alphas", None), hidden=hidden,
+                   hidden_steps=meta.pop("hidden_steps", None), meta=meta)
 
 
 def text_direction(source: Conditioning, target: Conditioning) -> EditDirection:

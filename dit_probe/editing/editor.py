@@ -19,6 +19,7 @@ Everything model-specific goes through the adapter, so the same code edits SD3, 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import warnings
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from ..adapters import Conditioning, get_adapter
 from ..adapters.base import check_strength, ensure_prompts
+from ..hidden import intervene
 from ..settings import sampling_settings
 from .directions import EditDirection, text_direction
 from .distillation import DistillSettings, dds, hsds, sds
@@ -296,8 +298,13 @@ class EIMEditor:
         for lo in range(0, len(z), rows):
             zi, ci = z[lo:lo + rows], cond.map(lambda x, lo=lo: x[lo:lo + rows])
             timesteps = self.adapter.set_timesteps(self.num_inference_steps, self.strength, latents=zi)
-            for t in timesteps:
-                zi = self.adapter.step(self._predict(zi, t, ci, self.guidance_scale), t, zi)
+            hidden = contextlib.nullcontext()
+            if direction.hidden:  # h-space: alpha * delta h added inside the denoiser, both CFG branches
+                hidden = intervene(self.pipe, direction.hidden_edits(a, lo, len(zi)), steps=direction.hidden_steps,
+                                   branch="both")
+            with hidden:
+                for t in timesteps:
+                    zi = self.adapter.step(self._predict(zi, t, ci, self.guidance_scale), t, zi)
             out.append(self.adapter.decode_latents(zi))
         x = torch.cat(out)
         images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -66,3 +66,46 @@ def test_hidden_edit_rows_map_to_image_and_alpha_under_cfg():
     got = edit(torch.zeros(8, 1), Call(step=0, timestep=1.0, rows=list(range(8))))
     expected = torch.tensor([2.0, 0.0, 10.0, 20.0] * 2).view(8, 1)
     assert torch.equal(got, expected)
+
+
+def test_jacobian_subspace_iteration_equals_an_explicit_svd():
+    """On a small nonlinear map, where the Jacobian can be written out: singular values and the spanned
+    input subspace match numpy's SVD of the explicit Jacobian."""
+    from dit_probe.editing.hspace import jacobian_directions
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 12, generator=g), torch.randn(20, 30, generator=g)
+
+    def f(h):
+        return b @ torch.tanh(a @ h.flatten())
+
+    h = torch.randn(3, 4, generator=g)
+    s, v, u = jacobian_directions(f, h, k=3, iters=60)
+    jac = torch.autograd.functional.jacobian(f, h).reshape(20, 12).double()
+    _, s_ref, vt_ref = torch.linalg.svd(jac)
+    assert torch.allclose(s.double(), s_ref[:3], rtol=1e-4)
+    for i in range(3):
+        assert abs(float(v[i].flatten().double() @ vt_ref[i])) > 0.999
+    assert torch.allclose(u.flatten(1) @ u.flatten(1).T, torch.eye(3), atol=1e-5)
+
+
+def test_jacobian_of_a_tiny_denoiser_at_a_hidden_site():
+    """The denoiser's eps as a function of a DiT block's image stream: the top singular value from the
+    iteration equals the one from the explicit Jacobian (built row by row with reverse-mode products here)."""
+    from torch.func import vjp
+
+    from dit_probe import get_adapter
+    from dit_probe.editing.hspace import denoiser_jacobian, jacobian_directions
+    from dit_probe.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("tiny-sd3")
+    ad = get_adapter(pipe)
+    cond = ad.encode_prompt("a red car", do_cfg=False)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))  # 16 image tokens: a small Jacobian
+    f, h0 = denoiser_jacobian(ad, "block.02.image", z, torch.tensor(500.0), cond)
+    s, v, _ = jacobian_directions(f, h0, k=2, iters=25)
+    y, pullback = vjp(f, h0)
+    m = y.numel()
+    rows = [pullback(torch.eye(m)[i].view_as(y))[0].flatten() for i in range(m)]  # row i of J = J^T e_i
+    s_ref = torch.linalg.svdvals(torch.stack(rows).double())
+    assert torch.allclose(s[0].double(), s_ref[0], rtol=1e-3), (s, s_ref[:3])

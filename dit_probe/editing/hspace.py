@@ -62,3 +62,45 @@ def hidden_direction(site: str, vector, state_shape, steps=None, **meta) -> Edit
         raise ValueError(f"a direction of {v.numel()} values fits neither the state {shape} nor its channels")
     return EditDirection(hidden={site: delta}, hidden_steps=None if steps is None else list(steps),
                          meta={"mode": "hidden", "site": site, **meta})
+
+
+def jacobian_directions(f, h: torch.Tensor, k: int = 4, iters: int = 20, seed: int = 0):
+    """The top ``k`` singular values and right / left singular vectors of the Jacobian df/dh at ``h``,
+    by subspace iteration (the h-space seed's Algorithm 1): U = J V by forward-mode JVPs, then
+    V_hat = J^T U by one reverse-mode product, V, S^2 = SVD(V_hat); ``iters`` rounds from a seeded Gaussian
+    start. Only products with J are formed, never J itself. Returns (S (k,), V (k, *h.shape) the input
+    directions, U (k, *f(h).shape) their orthonormal images)."""
+    from torch.func import jvp, vjp
+
+    g = torch.Generator().manual_seed(seed)
+    n = h.numel()
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    y, pullback = vjp(f, h)
+    for _ in range(iters):
+        u = torch.stack([jvp(f, (h,), (v[:, i].view_as(h).to(h.dtype),))[1].flatten().double() for i in range(k)], dim=1)
+        # J^T U in one reverse pass per column (the pullback is reused: J does not change)
+        v_hat = torch.stack([pullback(u[:, i].view_as(y).to(y.dtype))[0].flatten().double() for i in range(k)], dim=1)
+        v, s2, _ = torch.linalg.svd(v_hat, full_matrices=False)
+    s = s2.sqrt()
+    u = torch.stack([jvp(f, (h,), (v[:, i].view_as(h).to(h.dtype),))[1].flatten().double() for i in range(k)], dim=1)
+    u, _ = torch.linalg.qr(u)
+    return s.float(), v.T.reshape(k, *h.shape).float(), u.T.reshape(k, *y.shape).float()
+
+
+def denoiser_jacobian(adapter, site: str, z: torch.Tensor, t, cond, guidance_scale: float = 1.0):
+    """(f, h0): the denoiser's eps prediction at (z, t, cond) as a function of the state at ``site``, and
+    that state's value there, for ``jacobian_directions``. Attention runs through SDPA's math backend
+    inside f: torch's fused attention kernels have no forward-mode derivative."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ..hidden import intervene, record_states
+
+    with torch.no_grad(), record_states(adapter.pipe, [site], tokens="keep", branch="both") as states:
+        adapter.eps(z, t, cond, guidance_scale)
+    h0 = states[site][0].to(z.device, z.dtype)  # (rows, ...) of the one call
+
+    def f(h):
+        with sdpa_kernel(SDPBackend.MATH), intervene(adapter.pipe, {site: lambda old, call: h.expand_as(old)}, branch="both"):
+            return adapter.eps(z, t, cond, guidance_scale)
+
+    return f, h0

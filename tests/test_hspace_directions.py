@@ -109,3 +109,28 @@ def test_jacobian_of_a_tiny_denoiser_at_a_hidden_site():
     rows = [pullback(torch.eye(m)[i].view_as(y))[0].flatten() for i in range(m)]  # row i of J = J^T e_i
     s_ref = torch.linalg.svdvals(torch.stack(rows).double())
     assert torch.allclose(s[0].double(), s_ref[0], rtol=1e-3), (s, s_ref[:3])
+
+
+def test_eta_squared_and_r_squared_by_hand():
+    from dit_probe.studies.hspace import eta_squared, r_squared
+
+    scores = np.array([1.0, 3.0, 5.0, 7.0])
+    assert eta_squared(scores, np.array(["a", "a", "b", "b"])) == pytest.approx(16 / 20)  # between 16, total 20
+    assert eta_squared(scores, np.array(["a", "b", "a", "b"])) == pytest.approx(4 / 20)
+    assert r_squared(scores, np.array([2.0, 4.0, 6.0, 8.0])) == pytest.approx(1.0)
+
+
+def test_hspace_study_runs_through_the_runner_and_reuses_its_cache(tmp_path):
+    from dit_probe.studies import STUDIES
+
+    study = STUDIES["hspace"]
+    cfg = study.config_from(models=["toy-unet"], n=24, components=3, bootstrap=20, log_snrs=[-1.5])
+    best = study.run(cfg, out=tmp_path / "h", log=lambda *a: None, quiet=True)
+    assert set(best.attribute) == {"color", "shape", "size", "background", "x", "y"}
+    assert ((best.value >= best.ci_low - 1e-9) & (best.value <= best.ci_high + 1e-9)).all()
+    assert (tmp_path / "h" / "table.md").exists()
+    first, again = [], []
+    study.run(cfg, out=tmp_path / "h2", log=first.append, quiet=True)
+    study.run(cfg, out=tmp_path / "h2", log=again.append, quiet=True)
+    computed = lambda logs: [m for m in logs if "best eta²/r²" in str(m)]  # noqa: E731 (one line per computed unit)
+    assert len(computed(first)) == 1 and computed(again) == []  # the rerun reads the cached unit

@@ -133,4 +133,4 @@ def test_hspace_study_runs_through_the_runner_and_reuses_its_cache(tmp_path):
     study.run(cfg, out=tmp_path / "h2", log=first.append, quiet=True)
     study.run(cfg, out=tmp_path / "h2", log=again.append, quiet=True)
     computed = lambda logs: [m for m in logs if "best eta²/r²" in str(m)]  # noqa: E731 (one line per computed unit)
-    assert len(computed(first)) == 1 and computed(again) == []  # the rerun reads the cached unit
+    assert len(computed(first)) == 2 and computed(again) == []  # full and empty prompt; the rerun reads the cache

@@ -30,6 +30,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from memory import peak_rss  # noqa: E402  (benchmarks/memory.py)
+
 TOKENS = [5, 9]
 CASES = {
     # name: (what, steps, call kwargs)
@@ -90,20 +92,9 @@ def _setup(name):
     return generate
 
 
-def _rss_kb(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
-
-
 def memory(name, mode):
     generate = _setup(name)
-    before = _rss_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current size
-    generate(mode)
-    peak = _rss_kb("VmHWM")
-    return {"peak_mb": peak / 1024, "growth_mb": (peak - before) / 1024}
+    return peak_rss(lambda: generate(mode))
 
 
 def timing(name, repeats):

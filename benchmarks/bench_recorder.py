@@ -27,6 +27,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from memory import peak_rss  # noqa: E402  (benchmarks/memory.py)
+
 PIPELINES = {
     # name: (builder, call kwargs, words)
     "tiny-sd3": ("tiny-sd3", dict(height=32, width=32, max_sequence_length=16)),
@@ -47,13 +49,6 @@ def _build(kind):
     if kind == "narrow":
         return tiny_sd3(num_layers=4, heads=4, clip_length=77, t5_length=256, sample_size=64)
     return tiny_pipeline(kind)
-
-
-def _rss_kb(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
 
 
 def _setup(name):
@@ -81,14 +76,8 @@ def _setup(name):
 def memory_one(name, mode, steps):
     """Peak RSS over the first generation of one mode, in a fresh process."""
     generate = _setup(name)
-    rss_before = _rss_kb("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS
-    except OSError:
-        pass
-    generate(mode, steps)
-    peak = _rss_kb("VmHWM")
-    return {"peak_rss_mb": peak / 1024, "peak_growth_mb": (peak - rss_before) / 1024}
+    r = peak_rss(lambda: generate(mode, steps))
+    return {"peak_rss_mb": r["peak_mb"], "peak_growth_mb": r["growth_mb"]}
 
 
 def time_all(name, repeats, steps):

@@ -31,6 +31,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from memory import peak_rss  # noqa: E402  (benchmarks/memory.py)
+
 # name: (architecture, pixels, CPU: blocks kept, GPU: guidance_scale, dtype)
 CASES = {
     "sd3-medium": ("sd3-medium", 1024, 1, 7.0, "bfloat16"),
@@ -77,20 +79,9 @@ def _setup(name, gpu):
     return generate
 
 
-def _rss_kb(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
-
-
 def memory_cpu(name, mode):
     generate = _setup(name, gpu=False)
-    before = _rss_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current size
-    generate(mode)
-    peak = _rss_kb("VmHWM")
-    return {"peak_mb": peak / 1024, "growth_mb": (peak - before) / 1024}
+    return peak_rss(lambda: generate(mode))
 
 
 def measure(name, repeats, gpu):

@@ -110,6 +110,8 @@ def test_sd21_full_pipeline_records_words_on_every_level_at_an_odd_size():
     assert torch.equal(plain, recorded)
     assert set(maps.grids.values()) == {(25, 41), (13, 21), (7, 11), (4, 6)}
     assert maps.grids["mid.0.0.0.cross"] == (4, 6) and maps.grids["up.3.2.0.cross"] == (25, 41)
+    ad = get_adapter(pipe)  # the estimate's arithmetic predicts the grids the recorder read
+    assert maps.grids == {s.name: ad.layer_grid(s, ad.token_grid(200, 328)) for s in ad.sites(recordable_only=True)}
     m = maps.tensor("red")
     assert m.shape[-2:] == (25, 41) and torch.isfinite(m).all()
     # every query's probabilities over the 77 text keys sum to 1, so one word's share is in (0, 1)

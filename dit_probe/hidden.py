@@ -28,12 +28,14 @@ BRANCHES = {"cond": ("cond",), "uncond": ("uncond",), "both": ("uncond", "cond")
 
 @dataclass
 class Call:
-    """Where the denoiser is: the step (index into the scheduler's timesteps), the timestep, and which
-    batch rows are in the selected branches."""
+    """Where the denoiser is: the step (index into the scheduler's timesteps), the timestep the denoiser
+    was called with, which batch rows are in the selected branches, and ``time``: the scheduler's timestep
+    as a fraction of its training steps (1 = pure noise), the same scale for every family."""
 
     step: int | None
     timestep: float
     rows: list[int]
+    time: float = 1.0
 
 
 class _Tracker:
@@ -68,7 +70,8 @@ class _Tracker:
         branch_of_row = self.adapter.branches(self.adapter.batch_rows(args, kwargs), self._in_step)
         step = self._step(t)
         rows = [r for r, b in enumerate(branch_of_row) if b in self.branches] if self.wanted(step) else []
-        self.call = Call(step, t, rows)
+        train = self.adapter.pipe.scheduler.config.num_train_timesteps
+        self.call = Call(step, t, rows, self.adapter.scheduler_timestep(t) / train)
 
 
 def _sites(adapter, names) -> list[HiddenSite]:
@@ -133,10 +136,11 @@ class HiddenStates(dict):
 
 @contextlib.contextmanager
 def record_states(pipe, sites, steps=None, branch: str = "cond", tokens: str = "mean"):
-    """Read hidden states while the block runs, reduced as they come (mean over positions, or kept),
-    on the CPU in float32. Several generations append along the batch axis."""
-    if tokens not in ("mean", "keep"):
-        raise ValueError(f"tokens must be 'mean' or 'keep', got {tokens!r}")
+    """Read hidden states while the block runs, reduced as they come (mean over positions, kept, or a
+    function of the selected rows' state, e.g. a pooling), on the CPU in float32. Several generations
+    append along the batch axis."""
+    if not callable(tokens) and tokens not in ("mean", "keep"):
+        raise ValueError(f"tokens must be 'mean', 'keep' or a function of the state, got {tokens!r}")
     adapter = get_adapter(pipe)
     tracker = _Tracker(adapter, steps, branch)
     chosen = _sites(adapter, sites)
@@ -150,7 +154,9 @@ def record_states(pipe, sites, steps=None, branch: str = "cond", tokens: str = "
                 if call is None or not call.rows:
                     return None
                 h = _state(output, site)[call.rows].detach().float()
-                if tokens == "mean":
+                if callable(tokens):
+                    h = tokens(h)
+                elif tokens == "mean":
                     h = h.mean(dim=(2, 3)) if site.layout == "spatial" else h.mean(dim=1)
                 seen[site.name].setdefault(call.step, []).append(h.cpu())
                 return None

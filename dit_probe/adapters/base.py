@@ -377,6 +377,11 @@ class Adapter:
         """The model's noise prediction at (z, t) (CFG when cond has a negative and guidance_scale > 1)."""
         return self.to_eps(self.predict(z, t, cond, guidance_scale=guidance_scale), z, t)
 
+    def next_signal_scale(self, t) -> float:
+        """The weight of the predicted x0 in the latent that the scheduler's step from ``t`` lands on (a' in
+        z' = a' x0 + b' eps): the asymmetric reverse process (``editing.asyrp``) needs it."""
+        raise NotImplementedError
+
     def set_timesteps(self, num_steps: int, strength: float = 1.0, latents=None) -> torch.Tensor:
         """The timesteps a generation (strength 1) or an img2img edit (strength < 1) denoises through.
         ``latents``: the 4D latents to be denoised (Flux shifts its schedule by their size)."""

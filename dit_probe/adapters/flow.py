@@ -45,3 +45,10 @@ class FlowMatchingMaths:
 
     def step(self, v: torch.Tensor, t, z: torch.Tensor) -> torch.Tensor:
         return self.pipe.scheduler.step(v, t, z, return_dict=False)[0]
+
+    def next_signal_scale(self, t) -> float:
+        """The weight of x0 in the latent that the step from ``t`` lands on: 1 - sigma', from the scheduler's
+        own sigmas (an Euler step is z' = (1 - sigma') x0 + sigma' eps with x0, eps predicted at t)."""
+        sched = self.pipe.scheduler
+        i = sched.index_for_timestep(torch.as_tensor(t, device=sched.timesteps.device))
+        return float(1 - sched.sigmas[i + 1])

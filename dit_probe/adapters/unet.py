@@ -127,3 +127,18 @@ class UNetAdapter(Adapter):
 
     def step(self, out, t, z):
         return self.pipe.scheduler.step(out, t, z, return_dict=False)[0]
+
+    def next_signal_scale(self, t) -> float:
+        """The weight of x0 in the latent that the step from ``t`` lands on: sqrt(alpha_bar) at the previous
+        timestep, found as DDIM finds it (t - train steps // inference steps; below 0 the scheduler's final
+        alpha). Other schedulers: the next of their timesteps (exact for first-order steps only)."""
+        sched = self.pipe.scheduler
+        ac = sched.alphas_cumprod
+        if hasattr(sched, "final_alpha_cumprod"):  # DDIM
+            prev = int(t) - sched.config.num_train_timesteps // sched.num_inference_steps
+            a = ac[prev] if prev >= 0 else sched.final_alpha_cumprod
+        else:
+            ts = sched.timesteps.tolist()
+            i = ts.index(int(t))
+            a = ac[int(ts[i + 1])] if i + 1 < len(ts) else torch.tensor(1.0)
+        return float(torch.as_tensor(a).double().sqrt())

@@ -31,8 +31,12 @@ class EditDirection:
     image_alphas: list[float] | None = None
     # h-space: site -> delta h per image (B, *state) or shared (1, *state), added as alpha * delta at every
     # denoising step in hidden_steps (scheduler-step indices; None: all), in both CFG branches
-    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    # A value may also be a module f(h, t) (a learned, state-dependent delta h: ``editing.asyrp.DeltaH``),
+    # added as alpha * f(h, t).
+    hidden: dict[str, torch.Tensor | torch.nn.Module] = field(default_factory=dict)
     hidden_steps: list[int] | None = None
+    # the asymmetric reverse process (Asyrp): delta h changes the predicted x0 only, not the predicted noise
+    asymmetric: bool = False
     meta: dict = field(default_factory=dict)  # mode, prompts, phrases, strength, timestep, settings, ...
 
     def image_at(self, alpha: float = 1.0) -> torch.Tensor | None:
@@ -47,7 +51,7 @@ class EditDirection:
         for x in (self.text_embeds, self.image):
             if x is not None:
                 return x.shape[0]
-        per_image = [d.shape[0] for d in self.hidden.values() if d.shape[0] > 1]
+        per_image = [d.shape[0] for d in self.hidden.values() if isinstance(d, torch.Tensor) and d.shape[0] > 1]
         return per_image[0] if per_image else 0  # a shared hidden direction fits any number of images
 
     @property
@@ -64,6 +68,8 @@ class EditDirection:
             def edit(h, call):
                 g = first_row + torch.tensor(call.rows) % rows  # each selected row's place among the B*A rows
                 scale = alphas.to(h.device, h.dtype)[g % a].view(-1, *([1] * (h.ndim - 1)))
+                if isinstance(delta, torch.nn.Module):
+                    return h + scale * delta(h, call.time)
                 d = delta.to(h.device, h.dtype)
                 d = d[(g // a).clamp(max=len(d) - 1)] if len(d) > 1 else d.expand(len(g), *d.shape[1:])
                 return h + scale * d
@@ -101,11 +107,18 @@ class EditDirection:
         path = Path(path)
         tensors = {k: getattr(self, k).contiguous().cpu() for k in ("text_embeds", "text_pooled", "image")
                    if getattr(self, k) is not None}
-        tensors.update({f"hidden::{site}": d.contiguous().cpu() for site, d in self.hidden.items()})
+        nets = {}
+        for site, d in self.hidden.items():
+            if isinstance(d, torch.nn.Module):  # a learned delta h: its weights, and how to rebuild it
+                nets[site] = d.config
+                tensors.update({f"hidden_net::{site}::{k}": v.contiguous().cpu() for k, v in d.state_dict().items()})
+            else:
+                tensors[f"hidden::{site}"] = d.contiguous().cpu()
         if not tensors:
             raise ValueError("an empty direction (no text, image or hidden side) cannot be saved")
         meta = {"dit_probe_direction": json.dumps({**self.meta, "image_alphas": self.image_alphas,
-                                                   "hidden_steps": self.hidden_steps}, default=str)}
+                                                   "hidden_steps": self.hidden_steps, "asymmetric": self.asymmetric,
+                                                   "hidden_nets": nets}, default=str)}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -120,8 +133,15 @@ class EditDirection:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(info["dit_probe_direction"])
         hidden = {k.removeprefix("hidden::"): tensors.pop(k) for k in list(tensors) if k.startswith("hidden::")}
+        for site, config in meta.pop("hidden_nets", {}).items():
+            from .asyrp import DeltaH  # the only kind of learned delta h
+
+            prefix = f"hidden_net::{site}::"
+            net = DeltaH(**config)
+            net.load_state_dict({k.removeprefix(prefix): tensors.pop(k) for k in list(tensors) if k.startswith(prefix)})
+            hidden[site] = net.eval().requires_grad_(False)
         return cls(**tensors, image_alphas=meta.pop("image_alphas", None), hidden=hidden,
-                   hidden_steps=meta.pop("hidden_steps", None), meta=meta)
+                   hidden_steps=meta.pop("hidden_steps", None), asymmetric=meta.pop("asymmetric", False), meta=meta)
 
 
 def text_direction(source: Conditioning, target: Conditioning) -> EditDirection:

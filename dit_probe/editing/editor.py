@@ -298,17 +298,38 @@ class EIMEditor:
         for lo in range(0, len(z), rows):
             zi, ci = z[lo:lo + rows], cond.map(lambda x, lo=lo: x[lo:lo + rows])
             timesteps = self.adapter.set_timesteps(self.num_inference_steps, self.strength, latents=zi)
-            hidden = contextlib.nullcontext()
+            hidden = contextlib.nullcontext
             if direction.hidden:  # h-space: alpha * delta h added inside the denoiser, both CFG branches
-                hidden = intervene(self.pipe, direction.hidden_edits(a, lo, len(zi)), steps=direction.hidden_steps,
-                                   branch="both")
-            with hidden:
-                for t in timesteps:
-                    zi = self.adapter.step(self._predict(zi, t, ci, self.guidance_scale), t, zi)
+                def hidden(chunk=len(zi), lo=lo):
+                    return intervene(self.pipe, direction.hidden_edits(a, lo, chunk), steps=direction.hidden_steps,
+                                     branch="both")
+            if direction.asymmetric:
+                zi = self._asymmetric(zi, ci, timesteps, hidden, direction.hidden_steps)
+            else:
+                with hidden():
+                    for t in timesteps:
+                        zi = self.adapter.step(self._predict(zi, t, ci, self.guidance_scale), t, zi)
             out.append(self.adapter.decode_latents(zi))
         x = torch.cat(out)
         images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return images.reshape(len(enc), len(a), *images.shape[1:])
+
+    def _asymmetric(self, z, cond, timesteps, hidden, steps):
+        """Asyrp's reverse process (``editing.asyrp``): at the edited steps, x0 predicted with the edit and
+        the noise without it, z' = step(plain) + a' (x0~ - x0); elsewhere the plain step."""
+        n = len(self.pipe.scheduler.timesteps)
+        first = n - len(timesteps)
+        edited = None if steps is None else {int(s) % n for s in steps}
+        for i, t in enumerate(timesteps):
+            plain = self._predict(z, t, cond, self.guidance_scale)
+            if edited is not None and first + i not in edited:
+                z = self.adapter.step(plain, t, z)
+                continue
+            with hidden():
+                x0e = self.adapter.to_x0(self._predict(z, t, cond, self.guidance_scale), z, t)
+            shift = self.adapter.next_signal_scale(t) * (x0e - self.adapter.to_x0(plain, z, t))
+            z = self.adapter.step(plain, t, z) + shift
+        return z
 
     # ----- plain reconstruction: h(f(x, t), c, t) -----
     @torch.no_grad()

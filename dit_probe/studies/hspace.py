@@ -22,6 +22,7 @@ components x attributes). One unit per (model, level), cached by ``studies.runne
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
@@ -29,12 +30,13 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
+import torch.nn.functional as F
 
 from ..editing import EIMEditor
 from ..editing.hspace import pca_directions
 from ..hidden import record_states
 from ..registry import load_pipeline
-from ..toyworld.world import render, scenes
+from ..toyworld.world import render_many, scenes
 from .levels import LEVEL_AXES, LevelSettings, apply_level, with_level
 from .runner import Report, Study, Unit
 
@@ -55,6 +57,10 @@ class HSpaceConfig(LevelSettings):
     bootstrap: int = 1000
     num_inference_steps: int | None = None
     prompts: list[str] = ["full", "empty"]  # the caption, or the empty prompt (the image alone)
+    # real models: average-pool the state's positions to pool x pool before the PCA (None: keep every
+    # position), and at most batch_size scenes per denoiser call (None: all at once)
+    pool: int | None = None
+    batch_size: int | None = None
 
     def check(self):
         super().check()
@@ -84,10 +90,11 @@ def _statistic(attribute):
 
 def _setup(cfg: HSpaceConfig, model: str, shared) -> SimpleNamespace:
     pipe = load_pipeline(model)
+    size = EIMEditor(pipe).size
     items = scenes(cfg.n, cfg.seed)
     truth = {a: np.array([getattr(s, a) for s in items]) for a in CATEGORICAL}
     truth.update(x=np.array([s.cx for s in items]), y=np.array([s.cy for s in items]))
-    return SimpleNamespace(pipe=pipe, images=[render(s) for s in items], captions=[s.caption() for s in items],
+    return SimpleNamespace(pipe=pipe, images=render_many(items, size), captions=[s.caption() for s in items],
                            truth=truth)
 
 
@@ -101,14 +108,34 @@ def _sites(cfg: HSpaceConfig, pipe, model: str) -> list[str]:
     return [image[len(image) // 2]]
 
 
+def pooling(size: int):
+    """A ``record_states`` reduction: the state's positions average-pooled to size x size (a token state
+    is laid out on its square grid first), so a 1024² model's states fit in memory for the PCA."""
+    def reduce(h):
+        if h.ndim == 3:  # (rows, tokens, C) on a square token grid
+            side = math.isqrt(h.shape[1])
+            if side * side != h.shape[1]:
+                raise ValueError(f"pool needs a square token grid; the state has {h.shape[1]} tokens")
+            h = h.view(len(h), side, side, -1).permute(0, 3, 1, 2)
+        return F.adaptive_avg_pool2d(h, size)
+    return reduce
+
+
 def _compute(ctx, unit: Unit, cfg: HSpaceConfig):
     editor = EIMEditor(ctx.pipe, num_inference_steps=cfg.num_inference_steps, guidance_scale=1.0)
     level = apply_level(editor, unit["level"])
     sites = _sites(cfg, ctx.pipe, unit.model)
     prompts = ctx.captions if unit["prompt"] == "full" else [""] * cfg.n
     enc = editor.encode(ctx.images, prompts, seeds=list(range(cfg.seed, cfg.seed + cfg.n)))
-    with torch.no_grad(), record_states(ctx.pipe, sites, tokens="keep", branch="both") as states:
-        editor.adapter.eps(enc.zt, enc.t, enc.cond, 1.0)
+    reduce = "keep" if cfg.pool is None else pooling(cfg.pool)
+    rows_per_call = cfg.batch_size or cfg.n
+    chunks = []
+    for lo in range(0, cfg.n, rows_per_call):  # one reader per call: a second call at one timestep would
+        part = slice(lo, lo + rows_per_call)    # read as another guidance branch (SD3's skip-layer guidance)
+        with torch.no_grad(), record_states(ctx.pipe, sites, tokens=reduce, branch="both") as states:
+            editor.adapter.eps(enc.zt[part], enc.t, enc.cond.map(lambda x: x[part]), 1.0)
+        chunks.append(states)
+    states = {site: torch.cat([c[site] for c in chunks], dim=1) for site in sites}
     rng = np.random.default_rng(cfg.seed)
     boots = [rng.integers(0, cfg.n, cfg.n) for _ in range(cfg.bootstrap)]
     perms = [rng.permutation(cfg.n) for _ in range(50)]
@@ -188,7 +215,7 @@ STUDY = Study(
     units=lambda cfg: [Unit(m, (("level", lv), ("prompt", p))) for m in cfg.models for lv in cfg.levels()
                        for p in cfg.prompts],
     setup=_setup, compute=_compute, report=_report, axes=("models", "prompts", *LEVEL_AXES),
-    paper="h-space seed: PCA directions vs ground-truth attributes (toy pair)", toy_config="hspace-toy.yaml",
+    paper="h-space seed: PCA directions vs ground-truth attributes (toy pair)", toy_config="hspace-toy.yaml", paper_config="hspace-paper.yaml",
     figure_files=("hspace-pca.png", "hspace-pca-table.md"), summary_line=_line,
 )
 run, config_from = STUDY.run, STUDY.config_from

@@ -54,6 +54,17 @@ def as_array(images) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def at_judge_size(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) images of any square size -> the judge's 32 x 32 (box-averaged): a real model's
+    edit of an upscaled toy scene is read at the toy world's resolution."""
+    images = np.asarray(images)
+    if images.shape[1:3] == (IMAGE_SIZE, IMAGE_SIZE):
+        return images
+    x = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)
+    x = nn.functional.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def _nearest(rgb: np.ndarray, palette: dict) -> np.ndarray:
     """Soft assignment of (N, 3) colours to a named palette: (N, len(palette))."""
     ref = np.array(list(palette.values()), np.float32)

@@ -145,9 +145,17 @@ def render(scene: Scene) -> np.ndarray:
     return np.round(bg * (1 - a) + fg * a).astype(np.uint8)
 
 
-def render_many(items: list[Scene]) -> np.ndarray:
-    """(N, H, W, 3) uint8."""
-    return np.stack([render(s) for s in items]) if items else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+def render_many(items: list[Scene], size: int | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8; with ``size``, each render resized (bilinear) to size x size: the same scenes as
+    stimuli for a real model at its own resolution (colours, shapes and positions keep their meaning)."""
+    if not items:
+        return np.zeros((0, size or IMAGE_SIZE, size or IMAGE_SIZE, 3), np.uint8)
+    out = np.stack([render(s) for s in items])
+    if size is None or size == IMAGE_SIZE:
+        return out
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BILINEAR)) for x in out])
 
 
 def drop_pattern(rng: random.Random, p_attribute: float = 0.25, p_caption: float = 0.1):

@@ -4,7 +4,8 @@ Every number in the README and docs comes from a run whose config says ``purpose
 seed lies in ``EVALUATION``; nothing was tuned, trained or chosen on a seed in that range. Development
 runs (choosing settings, debugging, the toy models' training) use seeds outside it:
 
-- training: scene seeds 0 .. n_images - 1, VAE and judge renders from 10_000_000 on;
+- training: scene seeds 0 .. n_images - 1, VAE and judge renders from 10_000_000 on, the toy attribute
+  classifier's renders from 20_000_000 on;
 - development: every seed below 9_000_000 (the toy model cards before issue 16 used 1_000_000, the
   editing studies 0-1000 while their settings were chosen).
 

@@ -12,7 +12,7 @@ learned merges give), so sub-word merging is exercised. Other words fall back to
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 
 import torch
 from diffusers import (
@@ -26,8 +26,6 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from tokenizers import Tokenizer, pre_tokenizers, trainers
-from tokenizers.models import BPE
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -68,13 +66,27 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _learned_merges(words) -> list[tuple[str, str]]:
-    """BPE merges learned on ``words`` (each listed word then encodes as a single token)."""
-    tok = Tokenizer(BPE(end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=100_000, end_of_word_suffix="</w>", show_progress=False)
-    tok.train_from_iterator(list(words) * 2, trainer=trainer)
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    """BPE merges learned on ``words`` (each listed word then encodes as a single token): repeatedly merge
+    the most frequent adjacent pair, ties broken by the pair's text. Written here because the tokenizers
+    trainer breaks ties in hash order, so its merges (and the token ids) differed between processes."""
+    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(words)]
+    merges = []
+    while True:
+        counts = Counter(p for s in seqs for p in zip(s, s[1:]))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for k, s in enumerate(seqs):
+            out, i = [], 0
+            while i < len(s):
+                if s[i:i + 2] == list(best):
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[k] = out
 
 
 def clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH, words=WORDS):

@@ -225,7 +225,7 @@ def test_several_generations_append_to_the_batch_axis(pipes):
 def test_text_renormalised_view_sums_to_one_over_all_text(pipes, name):
     pipe = pipes(name)
     n = 32 if name == "tiny-sd3" else 16
-    with record(pipe, tokens=list(range(n))) as maps:
+    with record(pipe, tokens=list(range(n)), text_mass=True) as maps:
         generate(pipe, PROMPTS[:1], steps=1)
     raw = maps.tensor(layer=0).sum(dim=5)
     norm = maps.tensor(layer=0, normalise="text").sum(dim=5)
@@ -238,7 +238,7 @@ def test_text_renormalised_view_sums_to_one_over_all_text(pipes, name):
 
 def test_save_and_load_roundtrip(pipes, tmp_path):
     pipe = pipes("tiny-unet")
-    with record(pipe, words=["red", "car"], heads="keep") as maps:
+    with record(pipe, words=["red", "car"], heads="keep", text_mass=True) as maps:
         generate(pipe, PROMPTS[:1], steps=2)
     maps.save(tmp_path / "m")
     back = AttentionMaps.load(tmp_path / "m")

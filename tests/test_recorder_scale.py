@@ -47,7 +47,7 @@ def test_storage_dtype_is_the_float32_mean_rounded_once(pipes):
     pipe = pipes("tiny-sd3")
     got = {}
     for dtype in (torch.float32, torch.float16):
-        with record(pipe, words=["red"], heads="keep", dtype=dtype) as maps:
+        with record(pipe, words=["red"], heads="keep", dtype=dtype, text_mass=True) as maps:
             generate(pipe, PROMPTS, steps=2)
         got[dtype] = maps
     full, half = got[torch.float32], got[torch.float16]

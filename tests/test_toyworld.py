@@ -116,3 +116,23 @@ def test_judge_bad_input(judge):
         judge.score(img, "texture", "smooth")
     with pytest.raises(KeyError, match="unknown color 'mauve'"):
         judge.score(img, "color", "mauve")
+
+
+def test_tiny_tokenizers_are_the_same_in_every_process():
+    """The tiny CLIP vocabulary and merges (and so every token id) must not depend on the process: the
+    tokenizers trainer broke merge ties in hash order, which gave different ids in fresh processes."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib, json; from dit_probe.tiny import clip_tokenizer; t = clip_tokenizer(); "
+            "print(hashlib.sha256(json.dumps([sorted(t.get_vocab().items()), t('a red car on a purple sky').input_ids])"
+            ".encode()).hexdigest())")
+    env = {**__import__("os").environ, "PYTHONHASHSEED": "random"}
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+            for _ in range(4)}
+    assert len(seen) == 1, seen
+    from dit_probe.tiny import clip_tokenizer
+
+    tok = clip_tokenizer()
+    assert all(len(tok.tokenize(w)) == 1 for w in ("red", "background", "a", "diamond"))  # listed words: one token
+    assert tok.tokenize("purple") != ["purple</w>"] and len(tok.tokenize("purple")) > 1

@@ -460,7 +460,7 @@ class Recorder:
         heads: str = "mean",
         branch: str = "cond",
         prompt=None,
-        text_mass: bool = True,
+        text_mass: bool = False,
         mean_over_steps: bool = False,
         method: str = "auto",
         chunk_size: int | None = None,
@@ -944,7 +944,8 @@ def record(pipe, words=None, tokens=None, layers=None, steps=None, heads="mean",
     layers: canonical names, glob patterns ('block.*.joint') or indices; default all with text keys.
     steps: step indices (negative from the end); default all. heads: 'mean' or 'keep'.
     branch: 'cond' (default), 'uncond' or 'both'. prompt: the prompt(s) when the pipeline is called
-        with prompt_embeds. Options: text_mass (default True), mean_over_steps, method
+        with prompt_embeds. Options: text_mass (default False; the denominator of maps' normalise='text',
+        one more attention over the text keys per layer), mean_over_steps, method
         ('auto', 'chunked', 'naive'), chunk_size (queries per chunk of the chunked path; default: as many
         as keep a chunk's logits within 32 MiB), occurrence: which occurrence of a word that appears
         more than once is recorded: 'first' (the default), 'all' (their maps summed) or k (the k-th, from 1).

@@ -11,7 +11,7 @@ from dit_probe.registry import load_pipeline
 
 from .conftest import generate
 
-JOINT = ["tiny-sd3", "tiny-sd3.5"]
+JOINT = ["tiny-sd3", "tiny-sd3.5", "tiny-flux"]
 CONCEPTS = ["car", "red", "sky"]
 
 
@@ -72,7 +72,7 @@ class _MaskedReference:
         return attn.to_out[1](attn.to_out[0](img)), txt
 
 
-@pytest.mark.parametrize("name", JOINT)
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd3.5"])
 def test_concept_maps_equal_a_masked_reference(pipes, name):
     pipe = pipes(name)
     ad = get_adapter(pipe)
@@ -90,13 +90,13 @@ def test_concept_maps_equal_a_masked_reference(pipes, name):
             got = call(cond.embeds)
         tokens, _ = ad.concept_tokens(CONCEPTS)
         store, old = {}, {}
-        for layer, block in ad.concept_blocks():
+        for layer, block, _ in ad.concept_blocks():
             old[layer] = block.attn.processor
             block.attn.set_processor(_MaskedReference(len(tokens), store, layer))
         try:
             ref_out = call(torch.cat([cond.embeds, tokens[None]], 1))
         finally:
-            for layer, block in ad.concept_blocks():
+            for layer, block, _ in ad.concept_blocks():
                 block.attn.set_processor(old[layer])
     assert torch.allclose(got, ref_out, atol=1e-4)  # the masked concepts did not reach the image
     assert maps.steps == [1] and len(maps.layers) == len(store)
@@ -114,3 +114,74 @@ def test_concepts_are_refused_where_there_is_no_joint_attention(pipes):
     with pytest.raises(KeyError, match="unknown joint block"):
         with concept_maps(pipes("tiny-sd3"), ["car"], layers=["block.09.joint"]):
             pass
+
+
+class _FluxMaskedReference:
+    """Flux attention in float64 over [prompt | concepts | image] with RoPE as the block applies it and the
+    same mask; double blocks (separate text projections) and single blocks (one sequence)."""
+
+    def __init__(self, n_prompt, n_concepts, store, name):
+        self.p, self.n, self.store, self.name = n_prompt, n_concepts, store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        heads = lambda x, norm=None: norm(x.unflatten(-1, (-1, attn.head_dim))) if norm else x.unflatten(-1, (-1, attn.head_dim))  # noqa: E731
+        q, k, v = heads(attn.to_q(hidden_states), attn.norm_q), heads(attn.to_k(hidden_states), attn.norm_k), heads(attn.to_v(hidden_states))
+        if encoder_hidden_states is not None:
+            q = torch.cat([heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q), q], 1)
+            k = torch.cat([heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k), k], 1)
+            v = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), v], 1)
+        q, k = (apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in (q, k))
+        q, k, v = (x.transpose(1, 2).double() for x in (q, k, v))
+        total, c0, c1 = q.shape[2], self.p, self.p + self.n
+        allowed = torch.ones(total, total, dtype=torch.bool)
+        allowed[:, c0:c1] = False  # nothing attends to the concepts ...
+        allowed[c0:c1] = False
+        allowed[c0:c1, c0:] = True  # ... except the concepts, which see themselves and the image
+        logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        o = (logits.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).transpose(1, 2).flatten(2)
+        self.store[self.name] = dict(out=o[:, c1:] @ o[:, c0:c1].transpose(1, 2),
+                                     prob=logits[:, :, c1:, c0:c1].softmax(-1).mean(1))
+        o = o.to(hidden_states.dtype)
+        if encoder_hidden_states is None:
+            return o
+        txt, img = o[:, :c1], o[:, c1:]
+        return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(txt)
+
+
+def test_flux_concept_maps_equal_a_masked_reference(pipes):
+    pipe = pipes("tiny-flux")
+    ad = get_adapter(pipe)
+    cond = ad.encode_prompt(["a red car on a blue background"], max_sequence_length=16)
+    ad.set_timesteps(4, latents=torch.zeros(1, 4, 8, 8))
+    t = pipe.scheduler.timesteps[1]
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 16, ad.denoiser.config.in_channels, generator=g)  # 4 x 4 packed tokens
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).view(-1, 3)
+
+    def call(embeds, txt_ids):
+        return ad.denoiser(hidden_states=z, timestep=(t / 1000).expand(1), guidance=torch.full((1,), 3.5),
+                           pooled_projections=cond.pooled, encoder_hidden_states=embeds, txt_ids=txt_ids,
+                           img_ids=img_ids, return_dict=False)[0]
+
+    txt_ids = cond.extra["txt_ids"]
+    with torch.no_grad():
+        with concept_maps(pipe, CONCEPTS, steps=[1]) as maps:
+            got = call(cond.embeds, txt_ids)
+        tokens, _ = ad.concept_tokens(CONCEPTS)
+        store, old = {}, {}
+        for layer, block, _ in ad.concept_blocks():
+            old[layer] = block.attn.processor
+            block.attn.set_processor(_FluxMaskedReference(cond.embeds.shape[1], len(tokens), store, layer))
+        try:
+            ref = call(torch.cat([cond.embeds, tokens[None]], 1), torch.cat([txt_ids, torch.zeros(len(tokens), 3)]))
+        finally:
+            for layer, block, _ in ad.concept_blocks():
+                block.attn.set_processor(old[layer])
+    assert torch.allclose(got, ref, atol=1e-4)
+    assert maps.layers == [n for n, _, _ in ad.concept_blocks()] and any(n.startswith("single") for n in maps.layers)
+    for layer in maps.layers:
+        for kind, key in (("output", "out"), ("probability", "prob")):
+            mine, want = maps.raw[(kind, 1, layer)].double(), store[layer][key]
+            assert (mine - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7, (layer, kind)

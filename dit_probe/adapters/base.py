@@ -377,6 +377,23 @@ class Adapter:
         """The model's noise prediction at (z, t) (CFG when cond has a negative and guidance_scale > 1)."""
         return self.to_eps(self.predict(z, t, cond, guidance_scale=guidance_scale), z, t)
 
+    # ----- ConceptAttention (attention.concepts; joint-attention families define concept_block) -----
+    def concept_tokens(self, concepts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """Each concept encoded alone, as the prompt is; per text stream the mean of its word's pieces is one
+        concept token (SD3: a CLIP and a T5 token; Flux: a T5 token). Returns (tokens (n, text dim), the
+        concept of each)."""
+        tokens, owner = [], []
+        for i, concept in enumerate(concepts):
+            emb = self.encode_prompt(concept, do_cfg=False).embeds[0]
+            for positions in self.word_positions(concept, concept, text_len=emb.shape[0]).values():
+                tokens.append(emb[positions].mean(0))
+                owner.append(i)
+        return torch.stack(tokens), owner
+
+    def concept_stream(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Concept tokens as they enter the first block: the text stream's own embedding."""
+        return self.denoiser.context_embedder(tokens)
+
     def next_signal_scale(self, t) -> float:
         """The weight of the predicted x0 in the latent that the scheduler's step from ``t`` lands on (a' in
         z' = a' x0 + b' eps): the asymmetric reverse process (``editing.asyrp``) needs it."""
@@ -477,6 +494,18 @@ def locate_word(prompt: str, word: str, streams: Sequence[StreamTokens], split_w
                 "the pieces' maps, or choose a single-token word"
             )
     return out
+
+
+def concept_attention(qx, kx, vx, ox, qc, kc, vc):
+    """ConceptAttention's attention, (rows, heads, tokens, dim) inputs: concept queries over [image keys |
+    concept keys]. Returns (the concepts' attention output (rows, n, heads x dim), the output-space map
+    ox . oc (rows, image tokens, n) with ``ox`` the image attention output (rows, image tokens, heads x dim),
+    and the image queries' softmax over the concept keys, heads averaged)."""
+    oc = torch.nn.functional.scaled_dot_product_attention(qc, torch.cat([kx, kc], 2), torch.cat([vx, vc], 2))
+    oc = oc.transpose(1, 2).reshape(qc.shape[0], qc.shape[2], -1)
+    out_map = ox.float() @ oc.float().transpose(1, 2)
+    prob = ((qx.float() @ kc.float().transpose(-1, -2)) * qx.shape[-1] ** -0.5).softmax(-1).mean(1)
+    return oc, out_map, prob
 
 
 def check_strength(strength: float) -> None:

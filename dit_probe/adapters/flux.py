@@ -22,6 +22,7 @@ from .base import (
     TextStream,
     block_name,
     check_strength,
+    concept_attention,
 )
 from .flow import FlowMatchingMaths
 
@@ -56,6 +57,58 @@ class FluxAdapter(FlowMatchingMaths, Adapter):
                 out.append(HiddenSite(block_name(kind, i, "image"), f"{blocks}.{i}", part=1))
                 out.append(HiddenSite(block_name(kind, i, "text"), f"{blocks}.{i}", part=0))
         return out
+
+    # ----- ConceptAttention (attention.concepts) -----
+    def concept_blocks(self):
+        """(name, block, taps) of every double- then single-stream block. Double blocks: the image
+        projections and the image attention output (the input of to_out); single blocks project and attend
+        over [text | image] at once, so their taps hold the whole sequence (the image part is taken later)."""
+        out = []
+        for i, b in enumerate(self.denoiser.transformer_blocks):
+            out.append((block_name("double", i, "joint"), b, {"q": (b.attn.to_q, "out"), "k": (b.attn.to_k, "out"),
+                                                              "v": (b.attn.to_v, "out"), "o": (b.attn.to_out[0], "in")}))
+        for i, b in enumerate(self.denoiser.single_transformer_blocks):
+            out.append((block_name("single", i, "joint"), b, {"q": (b.attn.to_q, "out"), "k": (b.attn.to_k, "out"),
+                                                              "v": (b.attn.to_v, "out"), "o": (b.attn, "out")}))
+        return out
+
+    def concept_block(self, name, block, c, kwargs, image):
+        """A Flux block's text side applied to the concept tokens (``SD3Adapter.concept_block`` says what the
+        maps are). Image queries and keys are rotated as the block rotates them; concept tokens sit at text
+        position 0, where the rotation is the identity, so they are left as they are."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        attn, temb, rope = block.attn, kwargs["temb"], kwargs.get("image_rotary_emb")
+        single = name.startswith("single")
+        n_txt = kwargs["encoder_hidden_states"].shape[1]
+        sl = slice(n_txt, None) if single else slice(None)  # the image part of what the taps saw
+
+        def heads(x, norm=None):
+            x = x.unflatten(-1, (-1, attn.head_dim))
+            return norm(x) if norm is not None else x
+
+        qx, kx, vx = heads(image["q"][:, sl], attn.norm_q), heads(image["k"][:, sl], attn.norm_k), heads(image["v"][:, sl])
+        if rope is not None:
+            n_img = qx.shape[1]
+            img_rope = tuple(r[-n_img:] for r in rope)
+            qx, kx = (apply_rotary_emb(x, img_rope, sequence_dim=1) for x in (qx, kx))
+        if single:
+            norm_c, gate = block.norm(c, emb=temb)
+            qc, kc, vc = heads(attn.to_q(norm_c), attn.norm_q), heads(attn.to_k(norm_c), attn.norm_k), heads(attn.to_v(norm_c))
+        else:
+            norm_c, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(c, emb=temb)
+            qc = heads(attn.add_q_proj(norm_c), attn.norm_added_q)
+            kc = heads(attn.add_k_proj(norm_c), attn.norm_added_k)
+            vc = heads(attn.add_v_proj(norm_c))
+        t = lambda x: x.transpose(1, 2)  # noqa: E731 (rows, tokens, heads, dim) -> (rows, heads, tokens, dim)
+        oc, out_map, prob_map = concept_attention(t(qx), t(kx), t(vx), image["o"][:, sl], t(qc), t(kc), t(vc))
+        if single:
+            c = c + gate.unsqueeze(1) * block.proj_out(torch.cat([oc, block.act_mlp(block.proj_mlp(norm_c))], 2))
+        else:
+            c = c + gate_msa.unsqueeze(1) * attn.to_add_out(oc)
+            normed = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            c = c + gate_mlp.unsqueeze(1) * block.ff_context(normed)
+        return out_map, prob_map, c
 
     def streams(self, text_len=None):
         n = text_len if text_len is not None else self.default_max_sequence_length

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import IMAGE_SELF, JOINT_IMAGE_TEXT, Adapter, AttentionSite, Conditioning, HiddenSite, TextStream, block_name
+from .base import (IMAGE_SELF, JOINT_IMAGE_TEXT, Adapter, AttentionSite, Conditioning, HiddenSite, TextStream, block_name,
+                   concept_attention)
 from .flow import FlowMatchingMaths
 
 
@@ -75,30 +76,14 @@ class SD3Adapter(FlowMatchingMaths, Adapter):
         return super().branches(batch_rows, call_in_step)
 
     # ----- ConceptAttention (attention.concepts): concept tokens through the joint blocks' text side -----
-    def concept_tokens(self, concepts: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """Each concept encoded alone, as the prompt is; per text stream the mean of its word's pieces is one
-        concept token (SD3: a CLIP and a T5 token). Returns (tokens (n, text dim), the concept of each)."""
-        tokens, owner = [], []
-        for i, concept in enumerate(concepts):
-            emb = self.encode_prompt(concept, do_cfg=False).embeds[0]
-            for positions in self.word_positions(concept, concept, text_len=emb.shape[0]).values():
-                tokens.append(emb[positions].mean(0))
-                owner.append(i)
-        return torch.stack(tokens), owner
-
-    def concept_stream(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Concept tokens as they enter the first block (the text stream's own embedding)."""
-        return self.denoiser.context_embedder(tokens)
-
-    @staticmethod
-    def concept_block(block, c, temb, image):
+    def concept_block(self, name, block, c, kwargs, image):
         """One joint block's text side applied to the concept tokens ``c`` (rows, n, D): they attend to the
         block's image keys and to each other (never to the prompt's text) and are updated like text tokens;
         the image and the prompt are untouched. ``image``: the block's own image projections (to_q, to_k,
         to_v outputs) and attention output ``o`` (before to_out). Returns (output-space map (rows, image
         tokens, n): o_image . o_concept, probability map: softmax over the concept keys of the image
         queries, heads averaged, and the concept tokens after the block)."""
-        attn = block.attn
+        attn, temb = block.attn, kwargs["temb"]
         rows, heads = c.shape[0], attn.heads
 
         def split(x, norm=None):
@@ -113,19 +98,19 @@ class SD3Adapter(FlowMatchingMaths, Adapter):
         kc = split(attn.add_k_proj(norm_c), attn.norm_added_k)
         vc = split(attn.add_v_proj(norm_c))
         qx, kx, vx = split(image["q"], attn.norm_q), split(image["k"], attn.norm_k), split(image["v"])
-        oc = torch.nn.functional.scaled_dot_product_attention(qc, torch.cat([kx, kc], 2), torch.cat([vx, vc], 2))
-        oc = oc.transpose(1, 2).reshape(rows, -1, heads * oc.shape[-1])
-        out_map = image["o"].float() @ oc.float().transpose(1, 2)
-        prob_map = ((qx.float() @ kc.float().transpose(-1, -2)) * qx.shape[-1] ** -0.5).softmax(-1).mean(1)
+        oc, out_map, prob_map = concept_attention(qx, kx, vx, image["o"], qc, kc, vc)
         if not block.context_pre_only:
             c = c + gate_msa.unsqueeze(1) * attn.to_add_out(oc)
             normed = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
             c = c + gate_mlp.unsqueeze(1) * block.ff_context(normed)
         return out_map, prob_map, c
 
-    def concept_blocks(self) -> list[tuple[str, torch.nn.Module]]:
-        """(site name, block) of every joint block, in order."""
-        return [(block_name("block", i, "joint"), b) for i, b in enumerate(self.denoiser.transformer_blocks)]
+    def concept_blocks(self):
+        """(name, block, taps) of every joint block in order; taps: the image projections (to_q, to_k, to_v
+        outputs) and the image attention output (the input of to_out)."""
+        return [(block_name("block", i, "joint"), b, {"q": (b.attn.to_q, "out"), "k": (b.attn.to_k, "out"),
+                                                       "v": (b.attn.to_v, "out"), "o": (b.attn.to_out[0], "in")})
+                for i, b in enumerate(self.denoiser.transformer_blocks)]
 
     def image_grid(self, call_args, call_kwargs):
         x = self.latent_input(call_args, call_kwargs)

@@ -14,7 +14,8 @@ the image and the prompt's text stream are untouched: the generation is bit-iden
 the reader. At each recorded block the output-space map is o_image . o_concept (the attention outputs before
 the output projections), softmaxed over the concepts per image token when read; the probability map is
 the image queries' softmax over the concept keys, heads averaged. Memory: the concept rows, never an
-(image x image) matrix. The per-block maths is the adapter's (``concept_block``); SD3 / SD3.5 / toy-mmdit.
+(image x image) matrix. The per-block maths is the adapter's (``concept_block``): SD3 / SD3.5 /
+toy-mmdit joint blocks, Flux double- and single-stream blocks.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def concept_maps(pipe, concepts, layers=None, steps=None, branch: str = "cond"):
     if not concepts:
         raise ValueError("give at least one concept")
     blocks = adapter.concept_blocks()
-    names = [n for n, _ in blocks]
+    names = [n for n, _, _ in blocks]
     wanted = names if layers is None else [n for n in names if n in as_list(layers)]
     unknown = [n for n in as_list(layers or []) if n not in names]
     if unknown:
@@ -104,16 +105,16 @@ def concept_maps(pipe, concepts, layers=None, steps=None, branch: str = "cond"):
         state["c"] = c.unsqueeze(0).expand(rows, *c.shape)
         maps.grid = maps.grid or adapter.image_grid(args, kwargs)
 
-    def capture(key, image):
+    def capture(key, image, where):
         def hook(module, args, output=None):
-            image[key] = args[0] if key == "o" else output
+            image[key] = args[0] if where == "in" else output
         return hook
 
     def after(name, block, image):
         def hook(module, args, kwargs, output):
             call = tracker.call
             with torch.no_grad():
-                out_map, prob_map, state["c"] = adapter.concept_block(block, state["c"], kwargs["temb"], image)
+                out_map, prob_map, state["c"] = adapter.concept_block(name, block, state["c"], kwargs, image)
             if name in wanted and call is not None and call.rows:
                 step = call.step
                 if step not in maps.steps:
@@ -128,12 +129,11 @@ def concept_maps(pipe, concepts, layers=None, steps=None, branch: str = "cond"):
 
     with contextlib.ExitStack() as undo:
         undo.callback(adapter.denoiser.register_forward_pre_hook(start, with_kwargs=True).remove)
-        for name, block in blocks:
+        for name, block, taps in blocks:
             image = {}
-            attn = block.attn
-            for key, mod in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v)):
-                undo.callback(mod.register_forward_hook(capture(key, image)).remove)
-            undo.callback(attn.to_out[0].register_forward_pre_hook(capture("o", image)).remove)
+            for key, (mod, where) in taps.items():
+                register = mod.register_forward_pre_hook if where == "in" else mod.register_forward_hook
+                undo.callback(register(capture(key, image, where)).remove)
             undo.callback(block.register_forward_hook(after(name, block, image), with_kwargs=True).remove)
         yield maps
 

@@ -4,13 +4,13 @@ command line, ``dit-probe figures`` and the indexes are made from."""
 
 from __future__ import annotations
 
-from . import ablations, alpha_threshold, benchmark, hspace, hspace_edits, probing, sde, semantic_loss, toy_editing
+from . import ablations, alpha_threshold, benchmark, hspace, hspace_edits, localisation, probing, sde, semantic_loss, toy_editing
 from .runner import ConfigError, Study, StudyConfig
 
 STUDIES: dict[str, Study] = {s.name: s for s in (
     probing.STUDY, semantic_loss.STUDY, alpha_threshold.STUDY, sde.STUDY, toy_editing.STUDY, benchmark.STUDY,
     ablations.HSDS_STUDY, ablations.SDS_STUDY, ablations.CONVENTIONS_STUDY, hspace.STUDY,
-    hspace_edits.STUDY)}
+    hspace_edits.STUDY, localisation.STUDY)}
 
 
 def study(name: str) -> Study:

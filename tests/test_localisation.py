@@ -1,0 +1,50 @@
+"""The localisation study's scores by hand, and the study through the runner on toy-mmdit (every read-out)."""
+
+import re
+
+import numpy as np
+
+from dit_probe.studies import STUDIES
+from sklearn.metrics import roc_auc_score
+
+from dit_probe.studies.localisation import auroc, otsu_threshold, score_map
+
+
+def test_scores_of_known_maps():
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 3:6] = True
+    perfect = mask.astype(float) + 0.01 * np.random.default_rng(0).random((8, 8))
+    s = score_map(perfect, mask)
+    assert s["auroc"] == 1.0 and s["ap"] == 1.0 and s["iou"] == 1.0 and s["pointing"] and s["area"] == 9 / 64
+    inverted = score_map(-perfect, mask)
+    assert inverted["auroc"] == 0.0 and not inverted["pointing"] and inverted["iou"] == 0.0
+    flat_but_one = np.zeros((8, 8))
+    flat_but_one[0, 0] = 1.0
+    assert not score_map(flat_but_one, mask)["pointing"]
+
+
+def test_otsu_splits_two_groups():
+    values = np.concatenate([np.full(50, 0.1), np.full(30, 0.8)]) + np.random.default_rng(1).normal(0, 0.01, 80)
+    t = otsu_threshold(values)
+    assert values[:50].max() < t < values[50:].min()
+
+
+def test_localisation_runs_through_the_runner_and_reuses_its_cache(tmp_path):
+    study = STUDIES["localisation"]
+    cfg = study.config_from(models=["toy-mmdit"], n=2, bootstrap=10, num_inference_steps=6)
+    logs = []
+    summary = study.run(cfg, out=tmp_path / "l", log=logs.append, quiet=True)
+    assert set(summary.readout) == {"word", "word-text", "concept-output", "concept-probability"}
+    assert set(summary.word) == {"shape", "color"} and set(summary.layer) == {f"block.0{i}.joint" for i in range(4)}
+    assert summary.auroc.between(0, 1).all() and (summary.n == 2).all()
+    again = []
+    study.run(cfg, out=tmp_path / "l", log=again.append, quiet=True)
+    computed = lambda lines: [m for m in map(str, lines) if re.search(r"\(\d+ s\)$", m)]  # noqa: E731
+    assert len(computed(logs)) == 1 and computed(again) == []
+
+
+def test_rank_auroc_equals_sklearn_with_ties():
+    rng = np.random.default_rng(2)
+    soft = np.round(rng.random((16, 16)), 1)  # many ties
+    mask = rng.random((16, 16)) < 0.3
+    assert abs(auroc(soft, mask) - roc_auc_score(mask.ravel(), soft.ravel())) < 1e-12

@@ -31,7 +31,7 @@ def test_otsu_splits_two_groups():
 
 def test_localisation_runs_through_the_runner_and_reuses_its_cache(tmp_path):
     study = STUDIES["localisation"]
-    cfg = study.config_from(models=["toy-mmdit"], n=2, bootstrap=10, num_inference_steps=6)
+    cfg = study.config_from(models=["toy-mmdit"], n=2, bootstrap=10, num_inference_steps=6, patch_n=2, windows=["all", "late"])
     logs = []
     summary = study.run(cfg, out=tmp_path / "l", log=logs.append, quiet=True)
     assert set(summary.readout) == {"word", "word-text", "concept-output", "concept-probability"}
@@ -40,7 +40,10 @@ def test_localisation_runs_through_the_runner_and_reuses_its_cache(tmp_path):
     again = []
     study.run(cfg, out=tmp_path / "l", log=again.append, quiet=True)
     computed = lambda lines: [m for m in map(str, lines) if re.search(r"\(\d+ s\)$", m)]  # noqa: E731
-    assert len(computed(logs)) == 1 and computed(again) == []
+    assert len(computed(logs)) == 2 and computed(again) == []  # the maps unit and the patching unit
+    p = __import__("pandas").read_csv(tmp_path / "l" / "patching-summary.csv")
+    sites = {"none"} | {f"block.0{i}.image" for i in range(4)} | {f"block.0{i}.text" for i in range(3)}
+    assert set(p.site) == sites and set(p.window) == {"none", "all", "late"} and (p.n == 2).all()
 
 
 def test_rank_auroc_equals_sklearn_with_ties():

@@ -1,5 +1,5 @@
-"""Which read-out shows where a word acts? Attention maps scored against the toy world's exact masks
-(issue 24, map quality).
+"""Which read-out shows where a word acts, and where is the attribute decided? Attention maps scored against
+the toy world's exact masks, and activation patching (issue 24).
 
 Rendered scenes (exact object masks) are encoded, noised to a log-SNR matched per model, and denoised
 under their caption while every read-out records, per layer and step:
@@ -15,6 +15,11 @@ at least half covered) for the shape and the colour word: AUROC of the soft map 
 precision (chance: the object's area share), IoU of the map thresholded by Otsu's rule, and the pointing
 game (the map's maximum inside the object; chance: the area share). Means with 95% bootstrap CIs over
 scenes, per read-out and layer (maps averaged over steps); per step, the AUROC of every layer's map.
+
+Activation patching (``causal.patched_generation``, the ``patching`` part): ``patch_n`` random scenes'
+captions are generated from noise, and again with each hidden site's states (``adapter.hidden_sites``)
+over a window of steps (all, the first half, the second half) taken from the generation of the same
+caption with another colour, same noise; the judge reads whether the image now shows the donor's colour.
 
     dit-probe run localisation --config experiments/localisation-toy.yaml
 """
@@ -33,8 +38,10 @@ from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ..attention import concept_maps, record
+from ..causal import donor_states, patched_generation
 from ..stats import mean_ci
-from ..toyworld import COLORS, SHAPES, render_many, scenes
+from ..toyworld import COLORS, SHAPES, Judge, render_many, scenes
+from ..toyworld.judge import at_judge_size
 from ..toyworld.world import IMAGE_SIZE, coverage
 from .levels import LEVEL_AXES, apply_level, with_level
 from .runner import Report, Study, Unit
@@ -47,12 +54,19 @@ WORDS = ("shape", "color")
 CONCEPTS = [*SHAPES, *COLORS, "background"]
 
 
+WINDOWS = ("all", "early", "late")  # patched steps: all, the first half, the second half
+
+
 class LocalisationConfig(EditorSettings):
     strengths: list[float] = []
     log_snrs: list[float] = [-1.5]
     readouts: list[str] = list(READOUTS)
     n: int = 48
     seed: int = 0
+    # activation patching (causal): generations of scenes whose caption's colour is changed; each hidden
+    # site patched from the changed caption's generation over each window of steps
+    patch_n: int = 16  # 0: no patching part
+    windows: list[str] = list(WINDOWS)
 
     def check(self):
         super().check()
@@ -61,6 +75,9 @@ class LocalisationConfig(EditorSettings):
             raise ValueError(f"unknown read-out(s) {bad}; read-outs: {list(READOUTS)}")
         if self.n < 2:
             raise ValueError("n must be at least 2 scenes (the CIs resample scenes)")
+        bad = [w for w in self.windows if w not in WINDOWS]
+        if bad:
+            raise ValueError(f"unknown step window(s) {bad}; windows: {list(WINDOWS)}")
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
@@ -103,7 +120,47 @@ def _upsample(t: torch.Tensor) -> np.ndarray:
     return up.reshape(*t.shape[:-2], IMAGE_SIZE, IMAGE_SIZE).numpy()
 
 
+def _window(window: str, n: int) -> list[int]:
+    return {"all": list(range(n)), "early": list(range(n // 2)), "late": list(range(n // 2, n))}[window]
+
+
+def _patching(ctx, unit: Unit, cfg: LocalisationConfig) -> pd.DataFrame:
+    """Per hidden site and window: does the generation of 'a {size} {colour} {shape} ...' show the donor
+    caption's colour when the site's states come from the donor's generation (same noise)?"""
+    editor, judge = ctx.editor, Judge()
+    items = scenes(cfg.patch_n, cfg.seed * 1000 + 5)
+    rng = np.random.default_rng(cfg.seed)
+    donors = [type(s)(**{**s.to_dict(), "color": rng.choice([c for c in COLORS if c != s.color])}) for s in items]
+    call = dict(num_inference_steps=editor.num_inference_steps, guidance_scale=editor.guidance_scale, output_type="np",
+                **editor._prompt_kwargs)
+    prompts, donor_prompts = [s.caption() for s in items], [d.caption() for d in donors]
+    sites = [h.name for h in editor.adapter.hidden_sites()]
+    kept = donor_states(editor.pipe, donor_prompts, sites, cfg.seed, **call)
+    plain = judge.read(at_judge_size(_uint8(editor.pipe(prompts, generator=torch.Generator().manual_seed(cfg.seed), **call).images)))
+    rows = [dict(site="none", window="none", scene=i, flipped=r["color"] == d.color, kept=r["color"] == s.color)
+            for i, (r, s, d) in enumerate(zip(plain, items, donors))]
+    n_steps = len(kept.steps)
+    for site in sites:
+        for window in cfg.windows:
+            images = patched_generation(editor.pipe, prompts, donor_prompts, site, steps=_window(window, n_steps),
+                                        seed=cfg.seed, donor=kept, **call)
+            reads = judge.read(at_judge_size(_uint8(images)))
+            rows += [dict(site=site, window=window, scene=i, flipped=r["color"] == d.color, kept=r["color"] == s.color)
+                     for i, (r, s, d) in enumerate(zip(reads, items, donors))]
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "part", "patching")
+    return frame
+
+
+def _uint8(images) -> np.ndarray:
+    return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+
 def _compute(ctx, unit: Unit, cfg: LocalisationConfig):
+    if unit["part"] == "patching":
+        frame = _patching(ctx, unit, cfg)
+        frame.insert(0, "model", unit.model)
+        return frame, None
     editor = ctx.editor
     level = apply_level(editor, unit["level"])
     items = scenes(cfg.n, cfg.seed)
@@ -145,8 +202,36 @@ def _compute(ctx, unit: Unit, cfg: LocalisationConfig):
                     rows.append(dict(scene=i, readout=readout, word=role, layer=name, step=str(step),
                                      auroc=auroc(up[k, i], masks[i]), area=float(masks[i].mean())))
     frame = with_level(pd.DataFrame(rows), level)
+    frame.insert(0, "part", "maps")
     frame.insert(0, "model", unit.model)
     return frame, None
+
+
+def summarise_patching(rows: pd.DataFrame, n_boot: int) -> pd.DataFrame:
+    """Per model, site and window: the share of generations showing the donor's colour (95% CI over
+    scenes); site 'none' is the unpatched generation (the floor)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for (model, site, window), g in rows.groupby(["model", "site", "window"], sort=False):
+        row = dict(model=model, site=site, window=window, n=len(g))
+        row["flipped"], row["flipped_lo"], row["flipped_hi"] = mean_ci(g.flipped.astype(float), n_boot, rng)
+        row["kept"] = g.kept.astype(float).mean()
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _patching_table(p: pd.DataFrame) -> str:
+    windows = [w for w in dict.fromkeys(p.window) if w != "none"]
+    lines = ["Activation patching: share of generations that show the donor caption's colour when a hidden site's "
+             "states come from the donor's generation (same noise), per window of steps (95% CI over scenes); "
+             "'none' = unpatched (the floor).", "",
+             "| model | site | " + " | ".join(windows) + " |", "|---|---|" + "---|" * len(windows)]
+    for (model, site), g in p.groupby(["model", "site"], sort=False):
+        g = g.set_index("window")
+        cells = [_ci(g.loc[w], "flipped") if w in g.index else _ci(g.iloc[0], "flipped") if site == "none" else "–"
+                 for w in windows]
+        lines.append(f"| {model} | {site} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summarise(rows: pd.DataFrame, n_boot: int) -> pd.DataFrame:
@@ -200,14 +285,27 @@ def _figure(summary: pd.DataFrame):
 
 
 def _report(cfg: LocalisationConfig, results, out) -> Report:
-    rows = pd.concat([r.frame for r in results], ignore_index=True)
+    frames = [r.frame for r in results]
+    rows = pd.concat([f for f in frames if f.part.iloc[0] == "maps"], ignore_index=True)
     summary = summarise(rows, cfg.bootstrap)
     table = _table(summary)
-    return Report(summary, files={"rows.csv": rows, "summary.csv": summary, "table.md": table},
-                  figures={"localisation-maps.png": _figure(summary), "localisation-maps-table.md": table}, text=table)
+    patched = [f for f in frames if f.part.iloc[0] == "patching"]
+    files = {"rows.csv": rows, "summary.csv": summary}
+    figures = {"localisation-maps.png": _figure(summary), "localisation-maps-table.md": table}
+    if patched:
+        p = summarise_patching(pd.concat(patched, ignore_index=True), cfg.bootstrap)
+        ptable = _patching_table(p)
+        files.update({"patching.csv": pd.concat(patched, ignore_index=True), "patching-summary.csv": p})
+        figures["localisation-patching-table.md"] = ptable
+        table += "\n" + ptable
+    files["table.md"] = table
+    return Report(summary, files=files, figures=figures, text=table)
 
 
 def _line(frame: pd.DataFrame) -> str:
+    if frame.part.iloc[0] == "patching":
+        g = frame[frame.window == "all"].groupby("site").flipped.mean()
+        return "donor colour when patched (all steps): " + ", ".join(f"{k} {v:.0%}" for k, v in g.items())
     m = frame[frame.step == "mean"].groupby(["readout", "word"]).auroc.mean()
     return "AUROC " + ", ".join(f"{r}/{w} {v:.2f}" for (r, w), v in m.items())
 
@@ -215,9 +313,11 @@ def _line(frame: pd.DataFrame) -> str:
 STUDY = Study(
     name="localisation", help="attention read-outs (recorder maps, ConceptAttention) scored against exact masks (issue 24)",
     config=LocalisationConfig,
-    units=lambda cfg: [Unit(m, (("level", lv),)) for m in cfg.models for lv in cfg.levels()],
+    units=lambda cfg: [Unit(m, (("part", "maps"), ("level", lv))) for m in cfg.models for lv in cfg.levels()]
+    + ([Unit(m, (("part", "patching"),)) for m in cfg.models] if cfg.patch_n else []),
     setup=_setup, compute=_compute, report=_report, axes=("models", *LEVEL_AXES),
     paper="ConceptAttention and attention maps vs exact masks (toy pair)", toy_config="localisation-toy.yaml",
-    figure_files=("localisation-maps.png", "localisation-maps-table.md"), summary_line=_line,
+    figure_files=("localisation-maps.png", "localisation-maps-table.md", "localisation-patching-table.md"),
+    summary_line=_line,
 )
 run, config_from = STUDY.run, STUDY.config_from

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dit_probe import get_adapter
-from dit_probe.causal import patched_generation
+from dit_probe.causal import generate, patched_generation, patched_generations
 
 CALL = dict(num_inference_steps=3, height=32, width=32, output_type="pt", guidance_scale=4.0)
 SRC, DONOR = ["a red car on a blue background"], ["a green bus on a white background"]
@@ -34,7 +34,7 @@ def _planted(pipes, reader: int = 1):
 
 
 def _generate(pipe, prompts):
-    return pipe(prompts, generator=torch.Generator().manual_seed(0), **_call(pipe)).images
+    return generate(pipe, prompts, **_call(pipe))
 
 
 @pytest.mark.parametrize("name, last", [("tiny-unet", "up.1.out"), ("planted-sd3", "block.02.image")])
@@ -61,3 +61,14 @@ def test_patching_localises_the_one_block_that_reads_text(pipes):
     moved = _planted(pipes, reader=2)  # the reader moved to block 2: block 1 no longer matters
     assert torch.equal(patched_generation(moved, SRC, DONOR, "block.01.image", steps=[0], **_call(moved)),
                        _generate(moved, SRC))
+
+
+def test_variants_in_one_batch_equal_separate_runs(pipes):
+    pipe = pipes("tiny-sd3")
+    prompts, donors = SRC + ["a small cat"], DONOR + ["a large dog"]
+    variants = [("block.01.image", None), ("block.00.text", [0]), ("block.01.image", [-1])]
+    together = patched_generations(pipe, prompts, donors, variants, **_call(pipe))
+    for (site, steps), got in zip(variants, together):
+        alone = patched_generation(pipe, prompts, donors, site, steps=steps, **_call(pipe))
+        assert torch.allclose(got, alone, atol=1e-5)  # batch size changes float rounding only
+    assert not torch.allclose(together[0], together[2], atol=1e-3)

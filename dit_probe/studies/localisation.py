@@ -38,7 +38,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ..attention import concept_maps, record
-from ..causal import donor_states, patched_generation
+from ..causal import donor_states, generate, patched_generations
 from ..stats import mean_ci
 from ..toyworld import COLORS, SHAPES, Judge, render_many, scenes
 from ..toyworld.judge import at_judge_size
@@ -136,14 +136,14 @@ def _patching(ctx, unit: Unit, cfg: LocalisationConfig) -> pd.DataFrame:
     prompts, donor_prompts = [s.caption() for s in items], [d.caption() for d in donors]
     sites = [h.name for h in editor.adapter.hidden_sites()]
     kept = donor_states(editor.pipe, donor_prompts, sites, cfg.seed, **call)
-    plain = judge.read(at_judge_size(_uint8(editor.pipe(prompts, generator=torch.Generator().manual_seed(cfg.seed), **call).images)))
+    plain = judge.read(at_judge_size(_uint8(generate(editor.pipe, prompts, cfg.seed, **call))))
     rows = [dict(site="none", window="none", scene=i, flipped=r["color"] == d.color, kept=r["color"] == s.color)
             for i, (r, s, d) in enumerate(zip(plain, items, donors))]
     n_steps = len(kept.steps)
-    for site in sites:
-        for window in cfg.windows:
-            images = patched_generation(editor.pipe, prompts, donor_prompts, site, steps=_window(window, n_steps),
-                                        seed=cfg.seed, donor=kept, **call)
+    for site in sites:  # the windows of one site as one batch
+        variants = [(site, _window(window, n_steps)) for window in cfg.windows]
+        batches = patched_generations(editor.pipe, prompts, donor_prompts, variants, seed=cfg.seed, donor=kept, **call)
+        for window, images in zip(cfg.windows, batches):
             reads = judge.read(at_judge_size(_uint8(images)))
             rows += [dict(site=site, window=window, scene=i, flipped=r["color"] == d.color, kept=r["color"] == s.color)
                      for i, (r, s, d) in enumerate(zip(reads, items, donors))]

@@ -89,8 +89,10 @@ def test_jacobian_subspace_iteration_equals_an_explicit_svd():
     assert torch.allclose(u.flatten(1) @ u.flatten(1).T, torch.eye(3), atol=1e-5)
 
 
-def test_jacobian_of_a_tiny_denoiser_at_a_hidden_site():
-    """The denoiser's eps as a function of a DiT block's image stream: the top singular value from the
+@pytest.mark.parametrize("name, site", [("tiny-sd3", "block.02.image"), ("tiny-sd3.5", "block.01.image"),
+                                        ("tiny-flux", "single.00.image"), ("tiny-unet", "mid.out")])
+def test_jacobian_of_a_tiny_denoiser_at_a_hidden_site(name, site):
+    """The denoiser's eps as a function of a hidden state, on every family: the top singular value from the
     iteration equals the one from the explicit Jacobian (built row by row with reverse-mode products here)."""
     from torch.func import vjp
 
@@ -98,12 +100,14 @@ def test_jacobian_of_a_tiny_denoiser_at_a_hidden_site():
     from dit_probe.editing.hspace import denoiser_jacobian, jacobian_directions
     from dit_probe.tiny import tiny_pipeline
 
-    pipe = tiny_pipeline("tiny-sd3")
+    pipe = tiny_pipeline(name)
     ad = get_adapter(pipe)
     cond = ad.encode_prompt("a red car", do_cfg=False)
-    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))  # 16 image tokens: a small Jacobian
-    f, h0 = denoiser_jacobian(ad, "block.02.image", z, torch.tensor(500.0), cond)
-    s, v, _ = jacobian_directions(f, h0, k=2, iters=25)
+    channels = ad.denoiser.config.in_channels // (4 if ad.family == "flux" else 1)  # Flux packs 2 x 2 patches
+    z = torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(1))  # a small Jacobian
+    ad.set_timesteps(10, latents=z)
+    f, h0 = denoiser_jacobian(ad, site, z, pipe.scheduler.timesteps[4], cond)
+    s, v, _ = jacobian_directions(f, h0, k=4, iters=50)  # a block of 4: the top value converges at (s5 / s1)^iters
     y, pullback = vjp(f, h0)
     m = y.numel()
     rows = [pullback(torch.eye(m)[i].view_as(y))[0].flatten() for i in range(m)]  # row i of J = J^T e_i

@@ -185,3 +185,20 @@ def test_flux_concept_maps_equal_a_masked_reference(pipes):
         for kind, key in (("output", "out"), ("probability", "prob")):
             mine, want = maps.raw[(kind, 1, layer)].double(), store[layer][key]
             assert (mine - want).abs().max() <= 1e-4 * want.abs().max() + 1e-7, (layer, kind)
+
+
+def test_concepts_given_as_embeddings_equal_encoded_words(pipes):
+    pipe = pipes("tiny-flux")  # one text stream: one token per concept
+    ad = get_adapter(pipe)
+    with torch.no_grad():  # as concept_maps encodes them (SDPA picks another kernel when autograd records)
+        tokens, owner = ad.concept_tokens(CONCEPTS)
+    assert owner == [0, 1, 2]
+    runs = []
+    for embeddings in (None, tokens):
+        with concept_maps(pipe, CONCEPTS, embeddings=embeddings) as cm:
+            generate(pipe, ["a red car on a blue background"])
+        runs.append(cm.tensor())
+    assert torch.equal(runs[0], runs[1])
+    with pytest.raises(ValueError, match="embeddings must be"):
+        with concept_maps(pipe, CONCEPTS, embeddings=tokens[:2]):
+            pass

@@ -74,10 +74,11 @@ class ConceptMaps:
 
 
 @contextlib.contextmanager
-def concept_maps(pipe, concepts, layers=None, steps=None, branch: str = "cond"):
+def concept_maps(pipe, concepts, layers=None, steps=None, branch: str = "cond", embeddings=None):
     """Record ConceptAttention maps of ``concepts`` (words; they need not be in the prompt) at ``layers``
     (joint-block names, default all) and ``steps`` (scheduler-step indices, default all) for the CFG
-    ``branch`` rows."""
+    ``branch`` rows. ``embeddings``: one text-encoder embedding per concept (concepts, text dim), used
+    instead of encoding the words (a pipeline called with prompt_embeds, or without text encoders)."""
     adapter = get_adapter(pipe)
     if not hasattr(adapter, "concept_block"):
         raise NotImplementedError(f"ConceptAttention needs joint attention; the {adapter.family} family has none "
@@ -91,8 +92,13 @@ def concept_maps(pipe, concepts, layers=None, steps=None, branch: str = "cond"):
     unknown = [n for n in as_list(layers or []) if n not in names]
     if unknown:
         raise KeyError(f"unknown joint block(s) {unknown}; blocks: {names}")
-    with torch.no_grad():
-        tokens, owner = adapter.concept_tokens(concepts)
+    if embeddings is not None:
+        tokens, owner = torch.as_tensor(embeddings), list(range(len(concepts)))
+        if tokens.ndim != 2 or len(tokens) != len(concepts):
+            raise ValueError(f"embeddings must be (concepts, text dim) = ({len(concepts)}, ...), got {tuple(tokens.shape)}")
+    else:
+        with torch.no_grad():
+            tokens, owner = adapter.concept_tokens(concepts)
     maps = ConceptMaps(concepts, owner, layers=list(wanted))
     tracker = _Tracker(adapter, steps, branch)
     state = {}

@@ -87,7 +87,11 @@ def main():
     args = ap.parse_args()
     if args.child:
         name, what = args.child
-        result = timing(name, args.repeats) if what == "time" else peak_rss(lambda: _setup(name)(what))
+        if what == "time":
+            result = timing(name, args.repeats)
+        else:
+            generate = _setup(name)  # built first: the growth is the generation's own
+            result = peak_rss(lambda: generate(what))
         print(json.dumps(result))
         return
     import torch

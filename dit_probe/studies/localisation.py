@@ -317,6 +317,7 @@ STUDY = Study(
     + ([Unit(m, (("part", "patching"),)) for m in cfg.models] if cfg.patch_n else []),
     setup=_setup, compute=_compute, report=_report, axes=("models", *LEVEL_AXES),
     paper="ConceptAttention and attention maps vs exact masks (toy pair)", toy_config="localisation-toy.yaml",
+    paper_config="localisation-paper.yaml",
     figure_files=("localisation-maps.png", "localisation-maps-table.md", "localisation-patching-table.md"),
     summary_line=_line,
 )

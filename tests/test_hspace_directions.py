@@ -138,3 +138,6 @@ def test_hspace_study_runs_through_the_runner_and_reuses_its_cache(tmp_path):
     study.run(cfg, out=tmp_path / "h2", log=again.append, quiet=True)
     computed = lambda logs: [m for m in logs if "best eta²/r²" in str(m)]  # noqa: E731 (one line per computed unit)
     assert len(computed(first)) == 2 and computed(again) == []  # full and empty prompt; the rerun reads the cache
+    more = []  # the intervals are computed inside each unit: another bootstrap size is another unit
+    study.run(cfg.model_copy(update={"bootstrap": 30}), out=tmp_path / "h2", log=more.append, quiet=True)
+    assert len(computed(more)) == 2

@@ -57,6 +57,7 @@ class HSpaceConfig(LevelSettings):
     bootstrap: int = 1000
     num_inference_steps: int | None = None
     prompts: list[str] = ["full", "empty"]  # the caption, or the empty prompt (the image alone)
+    REPORT_ONLY = ()  # the bootstrap runs inside each unit here, so its size is part of the unit's settings
     # real models: average-pool the state's positions to pool x pool before the PCA (None: keep every
     # position), and at most batch_size scenes per denoiser call (None: all at once)
     pool: int | None = None

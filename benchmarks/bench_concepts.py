@@ -15,16 +15,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from memory import peak_rss  # noqa: E402  (benchmarks/memory.py)
+from memory import child, interleaved_medians, peak_rss  # noqa: E402  (benchmarks/memory.py)
 
 CONCEPTS = ["car", "red", "blue", "sky", "tree", "house", "dog", "cat", "white", "background"]
 CASES = {
@@ -67,16 +63,7 @@ def _setup(name):
 
 
 def timing(name, repeats):
-    generate = _setup(name)
-    for mode in MODES:
-        generate(mode)  # warm-up
-    times = {m: [] for m in MODES}
-    for _ in range(repeats):
-        for mode in MODES:
-            t0 = time.perf_counter()
-            generate(mode)
-            times[mode].append(time.perf_counter() - t0)
-    return {m: statistics.median(v) for m, v in times.items()}
+    return interleaved_medians(_setup(name), MODES, repeats)
 
 
 def main():
@@ -98,13 +85,11 @@ def main():
 
     results = {}
     for name in CASES:
-        def child(what, name=name):
-            cmd = [sys.executable, __file__, "--child", name, what, "--repeats", str(args.repeats)]
-            run = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            return json.loads(run.stdout.strip().splitlines()[-1])
+        def run(what, name=name):
+            return child(__file__, "--child", name, what, "--repeats", str(args.repeats))
 
-        times = child("time")
-        results[name] = {m: {"time_s": times[m], **child(m)} for m in MODES}
+        times = run("time")
+        results[name] = {m: {"time_s": times[m], **run(m)} for m in MODES}
         print(name, json.dumps(results[name]), flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     Path(args.out).write_text(json.dumps({"machine": machine, "repeats": args.repeats, "concepts": len(CONCEPTS),

@@ -46,7 +46,7 @@ from ..editing.asyrp import asyrp_direction, edit_interval, train_delta_h
 from ..editing.hspace import class_mean_direction, denoiser_jacobian, jacobian_directions
 from ..hidden import record_states
 from ..seeds import EVALUATION
-from ..stats import mean_ci
+from ..stats import group_cis
 from ..toyworld import ATTRIBUTES, Judge, render_many, scenes
 from ..toyworld.classifier import load_classifier
 from ..toyworld.judge import at_judge_size
@@ -297,27 +297,14 @@ def _compute(ctx, unit: Unit, cfg: HSpaceEditConfig):
 
 
 def summarise(edits: pd.DataFrame, n_boot: int) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    rows = []
-    keys = ["model", "level", "method", "alpha"]
-    for key, g in edits.groupby(keys, sort=False):
-        row = {**dict(zip(keys, key)), **g.iloc[0][LEVEL_COLUMNS[1:]].to_dict(), "n": len(g),
-               "edit_steps": g.edit_steps.iloc[0]}
-        for m in ("success", "preserved", "kept_shape", "kept_size", "background_psnr", "target_score"):
-            row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return group_cis(edits, ["model", "level", "method", "alpha"],
+                     ("success", "preserved", "kept_shape", "kept_size", "background_psnr", "target_score"), n_boot,
+                     first=[*LEVEL_COLUMNS[1:], "edit_steps"])
 
 
 def summarise_jacobian(jac: pd.DataFrame, n_boot: int) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    rows = []
-    for key, g in jac.groupby(["model", "level", "method"], sort=False):
-        row = dict(zip(["model", "level", "method"], key), log_snr=g.log_snr.iloc[0], n=len(g))
-        for m in ("locality", "object_share", "transfer_cos", "pixel_change"):
-            row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m], n_boot, rng)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return group_cis(jac, ["model", "level", "method"], ("locality", "object_share", "transfer_cos", "pixel_change"),
+                     n_boot, first=["log_snr"])
 
 
 def _ci(r, m, pct=True):

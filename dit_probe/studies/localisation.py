@@ -39,7 +39,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ..attention import concept_maps, record
 from ..causal import donor_states, generate, patched_generations
-from ..stats import mean_ci
+from ..stats import group_cis
 from ..toyworld import COLORS, SHAPES, Judge, render_many, scenes
 from ..toyworld.judge import at_judge_size
 from ..toyworld.world import IMAGE_SIZE, coverage
@@ -210,14 +210,7 @@ def _compute(ctx, unit: Unit, cfg: LocalisationConfig):
 def summarise_patching(rows: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     """Per model, site and window: the share of generations showing the donor's colour (95% CI over
     scenes); site 'none' is the unpatched generation (the floor)."""
-    rng = np.random.default_rng(0)
-    out = []
-    for (model, site, window), g in rows.groupby(["model", "site", "window"], sort=False):
-        row = dict(model=model, site=site, window=window, n=len(g))
-        row["flipped"], row["flipped_lo"], row["flipped_hi"] = mean_ci(g.flipped.astype(float), n_boot, rng)
-        row["kept"] = g.kept.astype(float).mean()
-        out.append(row)
-    return pd.DataFrame(out)
+    return group_cis(rows, ["model", "site", "window"], ["flipped"], n_boot, means=["kept"])
 
 
 def _patching_table(p: pd.DataFrame) -> str:
@@ -236,15 +229,8 @@ def _patching_table(p: pd.DataFrame) -> str:
 
 def summarise(rows: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     """Per model, read-out, word and layer (maps averaged over steps): means with 95% CIs over scenes."""
-    rng = np.random.default_rng(0)
-    out = []
-    keys = ["model", "level", "readout", "word", "layer"]
-    for key, g in rows[rows.step == "mean"].groupby(keys, sort=False):
-        row = {**dict(zip(keys, key)), "log_snr": g.log_snr.iloc[0], "n": len(g), "area": g.area.mean()}
-        for m in ("auroc", "ap", "iou", "pointing"):
-            row[m], row[m + "_lo"], row[m + "_hi"] = mean_ci(g[m].astype(float), n_boot, rng)
-        out.append(row)
-    return pd.DataFrame(out)
+    return group_cis(rows[rows.step == "mean"], ["model", "level", "readout", "word", "layer"],
+                     ("auroc", "ap", "iou", "pointing"), n_boot, first=["log_snr"], means=["area"])
 
 
 def _ci(r, m):

@@ -51,3 +51,17 @@ def test_rank_auroc_equals_sklearn_with_ties():
     soft = np.round(rng.random((16, 16)), 1)  # many ties
     mask = rng.random((16, 16)) < 0.3
     assert abs(auroc(soft, mask) - roc_auc_score(mask.ravel(), soft.ravel())) < 1e-12
+
+
+def test_group_cis_by_hand():
+    import pandas as pd
+
+    from dit_probe.stats import group_cis
+
+    f = pd.DataFrame({"m": ["a", "a", "b", "b", "b"], "x": [1.0, 3.0, 0.0, 0.0, 6.0], "k": [1, 1, 0, 0, 0],
+                      "tag": ["p", "q", "r", "s", "t"]})
+    out = group_cis(f, ["m"], ["x"], n_boot=200, first=["tag"], means=["k"])
+    assert list(out.m) == ["a", "b"] and list(out.n) == [2, 3] and list(out.tag) == ["p", "r"]
+    assert list(out.x) == [2.0, 2.0] and list(out.k) == [1.0, 0.0]
+    assert (out.x_lo <= out.x).all() and (out.x <= out.x_hi).all() and out.x_lo[1] == 0.0 and out.x_hi[0] <= 3.0
+    assert out.equals(group_cis(f, ["m"], ["x"], n_boot=200, first=["tag"], means=["k"]))  # seeded: reproducible

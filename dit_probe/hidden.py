@@ -7,7 +7,9 @@
     states["mid.out"]                         # (step, batch, channels): mean over positions
 
 Sites are the adapters' ``hidden_sites()`` (UNet: ``down.B.out``, ``mid.out``, ``up.B.out``; SD3/SD3.5:
-``block.NN.image`` / ``block.NN.text``; Flux: ``double.NN.image|text``, ``single.NN.image|text``).
+``block.NN.image`` / ``block.NN.text``; Flux: ``double.NN.image|text``, ``single.NN.image|text``), and
+their ``text_input_sites()``: the text a block or cross-attention receives (``block.NN.text_in``,
+``double.NN.text_in``, UNet ``down.1.0.0.text_in``, ...).
 Steps are indices into the scheduler's timesteps (negative from the end), so they mean the same thing
 in a pipeline's own loop and in the editor's. Branches are the adapter's CFG rows ('cond', 'uncond').
 Forward hooks are registered per module instance and removed on exit, also after an exception.
@@ -36,6 +38,8 @@ class Call:
     timestep: float
     rows: list[int]
     time: float = 1.0
+    batch: int = 0  # rows of the whole denoiser call
+    text_len: int = 0  # positions of the denoiser's text sequence
 
 
 class _Tracker:
@@ -67,11 +71,12 @@ class _Tracker:
         t = self.adapter.timestep_of(args, kwargs)
         self._in_step = self._in_step + 1 if t == self._last_t else 0
         self._last_t = t
-        branch_of_row = self.adapter.branches(self.adapter.batch_rows(args, kwargs), self._in_step)
+        batch = self.adapter.batch_rows(args, kwargs)
+        branch_of_row = self.adapter.branches(batch, self._in_step)
         step = self._step(t)
         rows = [r for r, b in enumerate(branch_of_row) if b in self.branches] if self.wanted(step) else []
         train = self.adapter.pipe.scheduler.config.num_train_timesteps
-        self.call = Call(step, t, rows, self.adapter.scheduler_timestep(t) / train)
+        self.call = Call(step, t, rows, self.adapter.scheduler_timestep(t) / train, batch, self.adapter.text_length(kwargs))
 
 
 def _sites(adapter, names) -> list[HiddenSite]:
@@ -88,6 +93,29 @@ def _with_state(output, site: HiddenSite, new):
     parts = list(output)
     parts[site.part] = new
     return type(output)(parts)
+
+
+def _hook(undo: contextlib.ExitStack, adapter, site: HiddenSite, fn) -> None:
+    """Call ``fn(state)`` each time the site's module runs; a tensor it returns replaces the state. Output
+    sites hook the module's output; input sites (``site.input``) the keyword argument it is called with."""
+    module = adapter.denoiser.get_submodule(site.path)
+    if site.input is None:
+        def after(module, args, output):
+            new = fn(_state(output, site))
+            return None if new is None else _with_state(output, site, new)
+
+        undo.callback(module.register_forward_hook(after).remove)
+        return
+
+    def before(module, args, kwargs):
+        if site.input not in kwargs:
+            raise RuntimeError(f"hidden site {site.name}: {site.path} was called without the keyword argument "
+                               f"{site.input!r}, so its input cannot be read or changed (a diffusers version that "
+                               "passes it positionally?)")
+        new = fn(kwargs[site.input])
+        return None if new is None else (args, {**kwargs, site.input: new})
+
+    undo.callback(module.register_forward_pre_hook(before, with_kwargs=True).remove)
 
 
 def _as_edit(edit):
@@ -112,17 +140,18 @@ def intervene(pipe, edits: dict, steps=None, branch: str = "cond"):
     with contextlib.ExitStack() as undo:
         undo.callback(adapter.denoiser.register_forward_pre_hook(tracker, with_kwargs=True).remove)
         for site, fn in plan:
-            def hook(module, args, output, site=site, fn=fn):
+            def change(h, fn=fn):
                 call = tracker.call
                 if call is None or not call.rows:
                     return None
-                h = _state(output, site)
+                if h.shape[0] == 1 < call.batch:  # one text for every row (a broadcast negative prompt)
+                    h = h.expand(call.batch, *h.shape[1:])
                 rows = torch.tensor(call.rows, device=h.device)
                 new = h.clone()
                 new[rows] = fn(h[rows], call)
-                return _with_state(output, site, new)
+                return new
 
-            undo.callback(adapter.denoiser.get_submodule(site.path).register_forward_hook(hook).remove)
+            _hook(undo, adapter, site, change)
         yield
 
 
@@ -149,11 +178,13 @@ def record_states(pipe, sites, steps=None, branch: str = "cond", tokens: str = "
     with contextlib.ExitStack() as undo:
         undo.callback(adapter.denoiser.register_forward_pre_hook(tracker, with_kwargs=True).remove)
         for site in chosen:
-            def hook(module, args, output, site=site):
+            def read(state, site=site):
                 call = tracker.call
                 if call is None or not call.rows:
                     return None
-                h = _state(output, site)[call.rows].detach().float()
+                if state.shape[0] == 1 < call.batch:
+                    state = state.expand(call.batch, *state.shape[1:])
+                h = state[call.rows].detach().float()
                 if callable(tokens):
                     h = tokens(h)
                 elif tokens == "mean":
@@ -161,7 +192,7 @@ def record_states(pipe, sites, steps=None, branch: str = "cond", tokens: str = "
                 seen[site.name].setdefault(call.step, []).append(h.cpu())
                 return None
 
-            undo.callback(adapter.denoiser.get_submodule(site.path).register_forward_hook(hook).remove)
+            _hook(undo, adapter, site, read)
         try:
             yield out
         finally:

@@ -104,3 +104,24 @@ class InputCapture:
     def close(self):
         for h in self.handles:
             h.remove()
+
+
+def reference_values(kind, attn, args, kwargs):
+    """(b, h, keys, d) values of one attention call, keys ordered as ``_full_softmax`` orders them."""
+    hs = kwargs.get("hidden_states", args[0] if args else None)
+    ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    h = attn.heads
+    if kind == "cross":
+        return _heads(attn.to_v(ehs), h)
+    v = _heads(attn.to_v(hs), h)
+    if kind == "sd3":
+        return torch.cat([v, _heads(attn.add_v_proj(ehs), h)], 2)
+    if kind == "flux-double":
+        return torch.cat([_heads(attn.add_v_proj(ehs), h), v], 2)
+    return v  # image-only self-attention, Flux single blocks ([text | image] is the module's input)
+
+
+def reference_call(kind, attn, args, kwargs, text_len):
+    """Float64 full softmax, values and layout of one attention call."""
+    p, lay = _full_softmax(kind, attn, args, kwargs, text_len, torch.float64)
+    return p, reference_values(kind, attn, args, kwargs).double(), lay

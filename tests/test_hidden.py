@@ -23,11 +23,54 @@ def test_hidden_site_names(pipes):
     assert flux[:2] == ["double.00.image", "double.00.text"] and flux[-1] == "single.01.text"
 
 
+def test_text_input_site_names(pipes):
+    assert [h.name for h in get_adapter(pipes("tiny-unet")).text_input_sites()] == [
+        "down.0.0.0.text_in", "down.1.0.0.text_in", "mid.0.0.0.text_in", "up.0.0.0.text_in", "up.0.1.0.text_in",
+        "up.1.0.0.text_in", "up.1.1.0.text_in"]
+    assert [h.name for h in get_adapter(pipes("tiny-sd3")).text_input_sites()] == [
+        "block.00.text_in", "block.01.text_in", "block.02.text_in"]
+    assert [h.name for h in get_adapter(pipes("tiny-flux")).text_input_sites()] == [
+        "double.00.text_in", "single.00.text_in", "single.01.text_in"]
+
+
+# each text input and the state it must equal: the previous block's text output, or the denoiser's own
+# encoder_hidden_states after its context embedder ("embedded") or as given ("given": a UNet's text)
+TEXT_FEEDS = {
+    "tiny-sd3": {"block.00.text_in": "embedded", "block.01.text_in": "block.00.text", "block.02.text_in": "block.01.text"},
+    "tiny-flux": {"double.00.text_in": "embedded", "single.00.text_in": "double.00.text", "single.01.text_in": "single.00.text"},
+    "tiny-unet": {"down.1.0.0.text_in": "given", "mid.0.0.0.text_in": "given", "up.0.1.0.text_in": "given"},
+}
+
+
+@pytest.mark.parametrize("name", list(TEXT_FEEDS))
+def test_text_inputs_are_what_each_block_receives(pipes, name):
+    pipe = pipes(name)
+    ad = get_adapter(pipe)
+    feeds = TEXT_FEEDS[name]
+    raw = {"given": [], "embedded": []}
+    hooks = [ad.denoiser.register_forward_pre_hook(
+        lambda m, a, kw: raw["given"].append(kw["encoder_hidden_states"].clone()), with_kwargs=True)]
+    if name != "tiny-unet":
+        hooks.append(ad.denoiser.context_embedder.register_forward_hook(lambda m, a, o: raw["embedded"].append(o.clone())))
+    outputs = sorted({v for v in feeds.values() if v not in raw})
+    try:
+        with record_states(pipe, [*feeds, *outputs], branch="both", tokens="keep") as states:
+            generate(pipe, PROMPTS, cfg=name != "tiny-flux")
+    finally:
+        for h in hooks:
+            h.remove()
+    for site, source in feeds.items():
+        expected = torch.stack(raw[source]).float() if source in raw else states[source]
+        assert states[site].shape == expected.shape and torch.equal(states[site], expected), (site, source)
+    assert not torch.equal(states[list(feeds)[0]], states[list(feeds)[-1]]) or name == "tiny-unet"
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_identity_edit_is_bit_identical_on_every_site(pipes, name):
     pipe = pipes(name)
     plain = generate(pipe, PROMPTS)
-    sites = [h.name for h in get_adapter(pipe).hidden_sites()]
+    ad = get_adapter(pipe)
+    sites = [h.name for h in [*ad.hidden_sites(), *ad.text_input_sites()]]
     with intervene(pipe, {s: (lambda h, call: h) for s in sites}, branch="both"):
         edited = generate(pipe, PROMPTS)
     assert torch.equal(plain, edited)

@@ -99,12 +99,14 @@ class AttentionSite:
 
 @dataclass(frozen=True)
 class HiddenSite:
-    """An internal state of the denoiser a user may read or change: the output of a block (h-space)."""
+    """An internal state of the denoiser a user may read or change: the output of a block (h-space), or
+    the text a block or cross-attention receives (``input``: the name of the keyword argument)."""
 
-    name: str  # canonical, e.g. "mid.out", "block.07.image", "double.03.text"
-    path: str  # the module whose forward output holds the state
+    name: str  # canonical, e.g. "mid.out", "block.07.image", "double.03.text", "block.07.text_in"
+    path: str  # the module whose forward output (or input) holds the state
     part: int | None = None  # index into that module's output tuple, None when the output is the state
     layout: str = "tokens"  # "tokens": (B, N, C); "spatial": (B, C, H, W)
+    input: str | None = None  # a keyword argument of the module's forward: the state is that input
 
 
 @dataclass(frozen=True)
@@ -184,8 +186,13 @@ class Adapter:
         """The internal states ``intervene`` and ``record_states`` can reach, in forward order."""
         raise NotImplementedError
 
+    def text_input_sites(self) -> list[HiddenSite]:
+        """The text each text-reading layer receives, in forward order (``name.text_in``): a joint block's
+        incoming text stream, a cross-attention's encoder states. Patching these is LocoGen's text swap."""
+        raise NotImplementedError
+
     def hidden_site(self, name: str) -> HiddenSite:
-        by_name = {h.name: h for h in self.hidden_sites()}
+        by_name = {h.name: h for h in [*self.hidden_sites(), *self.text_input_sites()]}
         if name not in by_name:
             raise KeyError(f"unknown hidden site {name!r} for this {self.family} model; sites are: {', '.join(by_name)}")
         return by_name[name]
@@ -195,6 +202,11 @@ class Adapter:
 
     def module(self, site: AttentionSite) -> torch.nn.Module:
         return self.denoiser.get_submodule(site.path)
+
+    def attention_output_weight(self, site: AttentionSite) -> torch.Tensor:
+        """The projection from a layer's attention output (heads x dim, head h in columns h*dim..) to the
+        residual stream of its image tokens (``attention.edit.contributions``)."""
+        return self.module(site).to_out[0].weight
 
     def check_recordable(self) -> None:
         """Refuse, with what to do, a pipeline whose denoiser calls the recorder would misread: PAG

@@ -58,6 +58,19 @@ class FluxAdapter(FlowMatchingMaths, Adapter):
                 out.append(HiddenSite(block_name(kind, i, "text"), f"{blocks}.{i}", part=0))
         return out
 
+    def text_input_sites(self):
+        return [HiddenSite(block_name(kind, i, "text_in"), f"{blocks}.{i}", input="encoder_hidden_states")
+                for kind, blocks in (("double", "transformer_blocks"), ("single", "single_transformer_blocks"))
+                for i in range(len(getattr(self.denoiser, blocks)))]
+
+    def attention_output_weight(self, site):
+        """Single-stream blocks have no attention output projection: the attention output is concatenated
+        with the MLP's and projected by the block's proj_out, whose first columns take it."""
+        if site.kind != SINGLE_TEXT_IMAGE:
+            return super().attention_output_weight(site)
+        block = self.denoiser.get_submodule(site.path.removesuffix(".attn"))
+        return block.proj_out.weight[:, : block.attn.inner_dim]
+
     # ----- ConceptAttention (attention.concepts) -----
     def concept_blocks(self):
         """(name, block, taps) of every double- then single-stream block. Double blocks: the image

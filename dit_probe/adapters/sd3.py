@@ -59,6 +59,10 @@ class SD3Adapter(FlowMatchingMaths, Adapter):
                 out.append(HiddenSite(block_name("block", i, "text"), f"transformer_blocks.{i}", part=0))
         return out
 
+    def text_input_sites(self):
+        return [HiddenSite(block_name("block", i, "text_in"), f"transformer_blocks.{i}", input="encoder_hidden_states")
+                for i in range(len(self.denoiser.transformer_blocks))]
+
     def streams(self, text_len=None):
         clip_len = self.pipe.tokenizer.model_max_length
         t5_len = (text_len - clip_len) if text_len is not None else self.default_max_sequence_length

@@ -47,6 +47,11 @@ class UNetAdapter(Adapter):
         out += [HiddenSite(f"up.{i}.out", f"up_blocks.{i}", layout="spatial") for i in range(len(d.up_blocks))]
         return out
 
+    def text_input_sites(self):
+        """Each cross-attention's encoder states (the text encoder's output, the same at every layer unless changed)."""
+        return [HiddenSite(s.name.removesuffix(".cross") + ".text_in", s.path, input="encoder_hidden_states")
+                for s in self.sites() if s.kind == CROSS]
+
     def streams(self, text_len=None):
         n = text_len if text_len is not None else self.pipe.tokenizer.model_max_length
         return [TextStream("clip", self.pipe.tokenizer, 0, n)]

@@ -30,8 +30,12 @@ def test_otsu_splits_two_groups():
 
 
 def test_localisation_runs_through_the_runner_and_reuses_its_cache(tmp_path):
+    import pandas as pd
+
     study = STUDIES["localisation"]
-    cfg = study.config_from(models=["toy-mmdit"], n=2, bootstrap=10, num_inference_steps=6, patch_n=2, windows=["all", "late"])
+    cfg = study.config_from(models=["toy-mmdit"], n=2, bootstrap=10, num_inference_steps=6, patch_n=2, windows=["all", "late"],
+                            patch_attributes=["color"], layers_n=2, attributes=["shape"], rank_n=2, swap_widths=[1],
+                            withhold_k=[1], random_draws=1, heads=["shape"])
     logs = []
     summary = study.run(cfg, out=tmp_path / "l", log=logs.append, quiet=True)
     assert set(summary.readout) == {"word", "word-text", "concept-output", "concept-probability"}
@@ -40,10 +44,45 @@ def test_localisation_runs_through_the_runner_and_reuses_its_cache(tmp_path):
     again = []
     study.run(cfg, out=tmp_path / "l", log=again.append, quiet=True)
     computed = lambda lines: [m for m in map(str, lines) if re.search(r"\(\d+ s\)$", m)]  # noqa: E731
-    assert len(computed(logs)) == 2 and computed(again) == []  # the maps unit and the patching unit
-    p = __import__("pandas").read_csv(tmp_path / "l" / "patching-summary.csv")
-    sites = {"none"} | {f"block.0{i}.image" for i in range(4)} | {f"block.0{i}.text" for i in range(3)}
+    assert len(computed(logs)) == 3 and computed(again) == []  # the maps, patching and layers units
+    p = pd.read_csv(tmp_path / "l" / "patching-summary.csv")
+    sites = ({"none"} | {f"block.0{i}.image" for i in range(4)} | {f"block.0{i}.text" for i in range(3)}
+             | {f"block.0{i}.text_in" for i in range(4)})
     assert set(p.site) == sites and set(p.window) == {"none", "all", "late"} and (p.n == 2).all()
+    assert set(p.attribute) == {"color"}
+    s = pd.read_csv(tmp_path / "l" / "layers-summary.csv")
+    layers = [f"block.0{i}.joint" for i in range(4)]
+    variants = lambda kind: list(s[s.kind == kind].variant)  # noqa: E731
+    assert set(s.attribute) == {"shape"} and variants("plain") == ["none"] and variants("contribution") == layers
+    assert variants("swap") == [*layers, "+".join(layers)]  # width 1, and all layers
+    assert variants("withhold") == [*layers, "all", "top-1", "bottom-1", "random-1"]
+    assert variants("knockout") == [f"{n}/{h}" for n in layers for h in range(4)]
+    rows = pd.read_csv(tmp_path / "l" / "layers.csv")
+    assert (rows[rows.kind == "contribution"].value > 0).all()
+    a = pd.read_csv(tmp_path / "l" / "agreement.csv")
+    assert set(a.readout) == {"contribution", "map AUROC"} and set(a.causal) == {"text swap (flipped)", "withhold (lost)"}
+
+
+def test_agreement_and_smallest_window_by_hand():
+    import pandas as pd
+
+    from dit_probe.studies.localisation_causal import agreement, smallest_flipping_window
+
+    rows = []
+    for layer, value in (("A", 1.0), ("B", 3.0), ("C", 2.0)):
+        rows += [dict(kind="contribution", variant=layer, layers=layer, k=1, scene=i, value=value) for i in range(2)]
+    for layer, flips, losses in (("A", [0, 0], [0, 0]), ("B", [1, 1], [1, 0]), ("C", [1, 0], [0, 0])):
+        rows += [dict(kind="swap", variant=layer, layers=layer, k=1, scene=i, flipped=f) for i, f in enumerate(flips)]
+        rows += [dict(kind="withhold", variant=layer, layers=layer, k=1, scene=i, lost=x) for i, x in enumerate(losses)]
+    frame = pd.DataFrame(rows).assign(model="m", attribute="color")
+    a = agreement(frame, None, n_boot=50).set_index("causal")
+    assert a.loc["text swap (flipped)", "spearman"] == 1.0  # contributions 1 < 2 < 3 and flips 0 < 0.5 < 1
+    assert abs(a.loc["withhold (lost)", "spearman"] - 1.5 / 3 ** 0.5) < 1e-12  # ranks (1, 3, 2) vs (1.5, 3, 1.5)
+    summary = pd.DataFrame([dict(model="m", attribute="color", kind="swap", variant=v, k=k, flipped=f)
+                            for v, k, f in (("A", 1, 0.2), ("B", 1, 0.4), ("A+B", 2, 0.6), ("B+C", 2, 0.9))])
+    small = smallest_flipping_window(summary).iloc[0]
+    assert small.window == "B+C" and small.width == 2 and small.flipped == 0.9
+    assert smallest_flipping_window(summary.assign(flipped=0.1)).iloc[0].window == "none"
 
 
 def test_rank_auroc_equals_sklearn_with_ties():

@@ -127,26 +127,22 @@ class _Interceptor:
             yield
 
 
-def _positions(adapter, prompts: list[str], word: str, text_len: int) -> list[list[int]]:
-    """The word's positions in the denoiser's text sequence, every stream, per prompt."""
-    out = []
-    for p in prompts:
-        found = adapter.word_positions(p, word, text_len)
-        out.append(sorted({i for pos in found.values() for i in pos}))
-    return out
-
-
 class _WordKeys:
-    """The word's key columns for each selected row of a call (row j: prompt j mod len(prompts))."""
+    """The word's key columns (every text stream) for each selected row of a call: row j is prompt
+    j mod len(prompts), and ``words`` is one word for every prompt or one per prompt."""
 
-    def __init__(self, adapter, prompts, word):
-        self.adapter, self.prompts, self.word = adapter, ensure_prompts(prompts), word
+    def __init__(self, adapter, prompts, words):
+        self.adapter, self.prompts = adapter, list(ensure_prompts(prompts))
+        self.words = [words] * len(self.prompts) if isinstance(words, str) else list(words)
+        if len(self.words) != len(self.prompts):
+            raise ValueError(f"{len(self.words)} words for {len(self.prompts)} prompts: give one word, or one per prompt")
         self._cache: dict[int, list[list[int]]] = {}
 
     def __call__(self, a: AttentionCall) -> list[list[int]]:
         n = a.call.text_len
         if n not in self._cache:
-            self._cache[n] = _positions(self.adapter, list(self.prompts), self.word, n)
+            self._cache[n] = [sorted({i for pos in self.adapter.word_positions(p, w, n).values() for i in pos})
+                              for p, w in zip(self.prompts, self.words)]
         per_prompt, start = self._cache[n], a.layout["k_text"].start or 0
         return [[start + i for i in per_prompt[j % len(per_prompt)]] for j in range(len(a.call.rows))]
 
@@ -168,9 +164,10 @@ class Contributions:
 
 
 @contextlib.contextmanager
-def contributions(pipe, prompts, word: str, layers=None, steps=None, branch: str = "cond"):
-    """Measure the attention contribution of ``word`` at ``layers`` (text-reading attention layers,
-    default all) and ``steps`` while the pipeline runs ``prompts`` (in the order given to it)."""
+def contributions(pipe, prompts, word, layers=None, steps=None, branch: str = "cond"):
+    """Measure the attention contribution of ``word`` (one word, or one per prompt) at ``layers``
+    (text-reading attention layers, default all) and ``steps`` while the pipeline runs ``prompts`` (in the
+    order given to it)."""
     adapter = get_adapter(pipe)
     keys = _WordKeys(adapter, prompts, word)
     seen: dict[str, dict[int, list]] = {}
@@ -202,9 +199,9 @@ def contributions(pipe, prompts, word: str, layers=None, steps=None, branch: str
 
 
 @contextlib.contextmanager
-def withhold(pipe, prompts, word: str, layers, steps=None, branch: str = "cond"):
-    """Generate with the image queries of ``layers`` unable to attend to ``word``'s tokens (at ``steps``,
-    the ``branch`` rows); ``prompts``: the pipeline's prompts, in order."""
+def withhold(pipe, prompts, word, layers, steps=None, branch: str = "cond"):
+    """Generate with the image queries of ``layers`` unable to attend to ``word``'s tokens (one word, or
+    one per prompt; at ``steps``, the ``branch`` rows); ``prompts``: the pipeline's prompts, in order."""
     if not as_list(layers):
         raise ValueError("give at least one layer to withhold the word from")
     keys = _WordKeys(get_adapter(pipe), prompts, word)

@@ -16,10 +16,10 @@ precision (chance: the object's area share), IoU of the map thresholded by Otsu'
 game (the map's maximum inside the object; chance: the area share). Means with 95% bootstrap CIs over
 scenes, per read-out and layer (maps averaged over steps); per step, the AUROC of every layer's map.
 
-Activation patching (``causal.patched_generation``, the ``patching`` part): ``patch_n`` random scenes'
-captions are generated from noise, and again with each hidden site's states (``adapter.hidden_sites``)
-over a window of steps (all, the first half, the second half) taken from the generation of the same
-caption with another colour, same noise; the judge reads whether the image now shows the donor's colour.
+The causal parts (``localisation_causal``), per attribute (colour, shape, size): activation patching of
+every hidden site and text input over windows of steps (``patching``); per text-reading layer, LocoGen's
+text swap, withholding the word (one layer, all, top/bottom/random-K by attention contribution) and head
+knockout (``layers``); and the rank agreement between the read-outs' layer rankings and the causal ones.
 
     dit-probe run localisation --config experiments/localisation-toy.yaml
 """
@@ -38,11 +38,11 @@ from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ..attention import concept_maps, record
-from ..causal import donor_states, generate, patched_generations
 from ..stats import group_cis
-from ..toyworld import COLORS, SHAPES, Judge, render_many, scenes
-from ..toyworld.judge import at_judge_size
+from ..toyworld import COLORS, SHAPES, render_many, scenes
 from ..toyworld.world import IMAGE_SIZE, coverage
+from . import localisation_causal as causal
+from .localisation_causal import CAUSAL_ATTRIBUTES, WINDOWS
 from .levels import LEVEL_AXES, apply_level, with_level
 from .runner import Report, Study, Unit
 from .sources import EditorSettings
@@ -54,19 +54,25 @@ WORDS = ("shape", "color")
 CONCEPTS = [*SHAPES, *COLORS, "background"]
 
 
-WINDOWS = ("all", "early", "late")  # patched steps: all, the first half, the second half
-
-
 class LocalisationConfig(EditorSettings):
     strengths: list[float] = []
     log_snrs: list[float] = [-1.5]
     readouts: list[str] = list(READOUTS)
     n: int = 48
     seed: int = 0
-    # activation patching (causal): generations of scenes whose caption's colour is changed; each hidden
-    # site patched from the changed caption's generation over each window of steps
+    # activation patching: generations whose caption's attribute is changed; each hidden site and text
+    # input patched from the changed caption's generation over each window of steps
     patch_n: int = 16  # 0: no patching part
+    patch_attributes: list[str] = list(CAUSAL_ATTRIBUTES)
     windows: list[str] = list(WINDOWS)
+    # per text-reading layer: text swap, withholding, head knockout (generations per attribute; 0: off)
+    layers_n: int = 16
+    attributes: list[str] = list(CAUSAL_ATTRIBUTES)
+    rank_n: int = 16  # other scenes, on which the word's attention contribution ranks the layers
+    swap_widths: list[int] | None = None  # text-swap windows of these many layers, and all; None: every width
+    withhold_k: list[int] = [1, 2]
+    random_draws: int = 4  # random K-layer sets per K
+    heads: list[str] = list(CAUSAL_ATTRIBUTES)  # attributes for which every head is knocked out
 
     def check(self):
         super().check()
@@ -78,6 +84,14 @@ class LocalisationConfig(EditorSettings):
         bad = [w for w in self.windows if w not in WINDOWS]
         if bad:
             raise ValueError(f"unknown step window(s) {bad}; windows: {list(WINDOWS)}")
+        bad = [a for a in [*self.attributes, *self.patch_attributes, *self.heads] if a not in CAUSAL_ATTRIBUTES]
+        if bad:
+            raise ValueError(f"unknown attribute(s) {bad}; the causal parts change one of {list(CAUSAL_ATTRIBUTES)}")
+        if self.layers_n and self.rank_n < 1:
+            raise ValueError("rank_n must be at least 1 scene to rank the layers by attention contribution")
+        for name in ("withhold_k", "swap_widths"):
+            if any(k < 1 for k in getattr(self, name) or []):
+                raise ValueError(f"{name} must be layer counts of at least 1, got {getattr(self, name)}")
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
@@ -120,45 +134,12 @@ def _upsample(t: torch.Tensor) -> np.ndarray:
     return up.reshape(*t.shape[:-2], IMAGE_SIZE, IMAGE_SIZE).numpy()
 
 
-def _window(window: str, n: int) -> list[int]:
-    return {"all": list(range(n)), "early": list(range(n // 2)), "late": list(range(n // 2, n))}[window]
-
-
-def _patching(ctx, unit: Unit, cfg: LocalisationConfig) -> pd.DataFrame:
-    """Per hidden site and window: does the generation of 'a {size} {colour} {shape} ...' show the donor
-    caption's colour when the site's states come from the donor's generation (same noise)?"""
-    editor, judge = ctx.editor, Judge()
-    items = scenes(cfg.patch_n, cfg.seed * 1000 + 5)
-    rng = np.random.default_rng(cfg.seed)
-    donors = [type(s)(**{**s.to_dict(), "color": rng.choice([c for c in COLORS if c != s.color])}) for s in items]
-    call = dict(num_inference_steps=editor.num_inference_steps, guidance_scale=editor.guidance_scale, output_type="np",
-                **editor._prompt_kwargs)
-    prompts, donor_prompts = [s.caption() for s in items], [d.caption() for d in donors]
-    sites = [h.name for h in editor.adapter.hidden_sites()]
-    kept = donor_states(editor.pipe, donor_prompts, sites, cfg.seed, **call)
-    plain = judge.read(at_judge_size(_uint8(generate(editor.pipe, prompts, cfg.seed, **call))))
-    rows = [dict(site="none", window="none", scene=i, flipped=r["color"] == d.color, kept=r["color"] == s.color)
-            for i, (r, s, d) in enumerate(zip(plain, items, donors))]
-    n_steps = len(kept.steps)
-    for site in sites:  # the windows of one site as one batch
-        variants = [(site, _window(window, n_steps)) for window in cfg.windows]
-        batches = patched_generations(editor.pipe, prompts, donor_prompts, variants, seed=cfg.seed, donor=kept, **call)
-        for window, images in zip(cfg.windows, batches):
-            reads = judge.read(at_judge_size(_uint8(images)))
-            rows += [dict(site=site, window=window, scene=i, flipped=r["color"] == d.color, kept=r["color"] == s.color)
-                     for i, (r, s, d) in enumerate(zip(reads, items, donors))]
-    frame = pd.DataFrame(rows)
-    frame.insert(0, "part", "patching")
-    return frame
-
-
-def _uint8(images) -> np.ndarray:
-    return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
-
-
 def _compute(ctx, unit: Unit, cfg: LocalisationConfig):
-    if unit["part"] == "patching":
-        frame = _patching(ctx, unit, cfg)
+    if unit["part"] in ("patching", "layers"):
+        part = causal.patching_part if unit["part"] == "patching" else causal.layers_part
+        frame = part(ctx.editor, cfg, unit["attribute"])
+        frame.insert(0, "attribute", unit["attribute"])
+        frame.insert(0, "part", unit["part"])
         frame.insert(0, "model", unit.model)
         return frame, None
     editor = ctx.editor
@@ -207,34 +188,13 @@ def _compute(ctx, unit: Unit, cfg: LocalisationConfig):
     return frame, None
 
 
-def summarise_patching(rows: pd.DataFrame, n_boot: int) -> pd.DataFrame:
-    """Per model, site and window: the share of generations showing the donor's colour (95% CI over
-    scenes); site 'none' is the unpatched generation (the floor)."""
-    return group_cis(rows, ["model", "site", "window"], ["flipped"], n_boot, means=["kept"])
-
-
-def _patching_table(p: pd.DataFrame) -> str:
-    windows = [w for w in dict.fromkeys(p.window) if w != "none"]
-    lines = ["Activation patching: share of generations that show the donor caption's colour when a hidden site's "
-             "states come from the donor's generation (same noise), per window of steps (95% CI over scenes); "
-             "'none' = unpatched (the floor).", "",
-             "| model | site | " + " | ".join(windows) + " |", "|---|---|" + "---|" * len(windows)]
-    for (model, site), g in p.groupby(["model", "site"], sort=False):
-        g = g.set_index("window")
-        cells = [_ci(g.loc[w], "flipped") if w in g.index else _ci(g.iloc[0], "flipped") if site == "none" else "–"
-                 for w in windows]
-        lines.append(f"| {model} | {site} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def summarise(rows: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     """Per model, read-out, word and layer (maps averaged over steps): means with 95% CIs over scenes."""
     return group_cis(rows[rows.step == "mean"], ["model", "level", "readout", "word", "layer"],
                      ("auroc", "ap", "iou", "pointing"), n_boot, first=["log_snr"], means=["area"])
 
 
-def _ci(r, m):
-    return f"{r[m]:.2f} [{r[m + '_lo']:.2f}, {r[m + '_hi']:.2f}]"
+_ci = causal._ci
 
 
 def _table(summary: pd.DataFrame) -> str:
@@ -271,19 +231,30 @@ def _figure(summary: pd.DataFrame):
 
 
 def _report(cfg: LocalisationConfig, results, out) -> Report:
-    frames = [r.frame for r in results]
-    rows = pd.concat([f for f in frames if f.part.iloc[0] == "maps"], ignore_index=True)
+    parts = {}
+    for r in results:
+        parts.setdefault(r.frame.part.iloc[0], []).append(r.frame)
+    rows = pd.concat(parts["maps"], ignore_index=True)
     summary = summarise(rows, cfg.bootstrap)
     table = _table(summary)
-    patched = [f for f in frames if f.part.iloc[0] == "patching"]
     files = {"rows.csv": rows, "summary.csv": summary}
     figures = {"localisation-maps.png": _figure(summary), "localisation-maps-table.md": table}
-    if patched:
-        p = summarise_patching(pd.concat(patched, ignore_index=True), cfg.bootstrap)
-        ptable = _patching_table(p)
-        files.update({"patching.csv": pd.concat(patched, ignore_index=True), "patching-summary.csv": p})
+    if "patching" in parts:
+        patched = pd.concat(parts["patching"], ignore_index=True)
+        p = causal.summarise_patching(patched, cfg.bootstrap)
+        ptable = causal.patching_table(p)
+        files.update({"patching.csv": patched, "patching-summary.csv": p})
         figures["localisation-patching-table.md"] = ptable
         table += "\n" + ptable
+    if "layers" in parts:
+        layered = pd.concat(parts["layers"], ignore_index=True)
+        s = causal.summarise_layers(layered, cfg.bootstrap)
+        small = causal.smallest_flipping_window(s)
+        agree = causal.agreement(layered, rows, cfg.bootstrap)
+        ltable = causal.layers_table(s, small, agree)
+        files.update({"layers.csv": layered, "layers-summary.csv": s, "agreement.csv": agree})
+        figures.update({"localisation-layers-table.md": ltable, "localisation-layers.png": causal.figure(s, summary)})
+        table += "\n" + ltable
     files["table.md"] = table
     return Report(summary, files=files, figures=figures, text=table)
 
@@ -291,20 +262,32 @@ def _report(cfg: LocalisationConfig, results, out) -> Report:
 def _line(frame: pd.DataFrame) -> str:
     if frame.part.iloc[0] == "patching":
         g = frame[frame.window == "all"].groupby("site").flipped.mean()
-        return "donor colour when patched (all steps): " + ", ".join(f"{k} {v:.0%}" for k, v in g.items())
+        return "donor value when patched (all steps): " + ", ".join(f"{k} {v:.0%}" for k, v in g.items())
+    if frame.part.iloc[0] == "layers":
+        g = frame[(frame.kind == "swap") & (frame.k == 1)].groupby("variant").flipped.mean()
+        return "donor value when one layer's text is swapped: " + ", ".join(f"{k} {v:.0%}" for k, v in g.items())
     m = frame[frame.step == "mean"].groupby(["readout", "word"]).auroc.mean()
     return "AUROC " + ", ".join(f"{r}/{w} {v:.2f}" for (r, w), v in m.items())
 
 
+def _units(cfg: LocalisationConfig) -> list[Unit]:
+    units = [Unit(m, (("part", "maps"), ("level", lv))) for m in cfg.models for lv in cfg.levels()]
+    for part, n, attributes in (("patching", cfg.patch_n, cfg.patch_attributes), ("layers", cfg.layers_n, cfg.attributes)):
+        if n:
+            units += [Unit(m, (("part", part), ("attribute", a))) for m in cfg.models for a in attributes]
+    return units
+
+
 STUDY = Study(
-    name="localisation", help="attention read-outs (recorder maps, ConceptAttention) scored against exact masks (issue 24)",
+    name="localisation", help="attention read-outs (recorder maps, ConceptAttention, attention contribution) against "
+    "exact masks and causal localisation (patching, text swap, withholding, head knockout)",
     config=LocalisationConfig,
-    units=lambda cfg: [Unit(m, (("part", "maps"), ("level", lv))) for m in cfg.models for lv in cfg.levels()]
-    + ([Unit(m, (("part", "patching"),)) for m in cfg.models] if cfg.patch_n else []),
+    units=_units,
     setup=_setup, compute=_compute, report=_report, axes=("models", *LEVEL_AXES),
     paper="ConceptAttention and attention maps vs exact masks (toy pair)", toy_config="localisation-toy.yaml",
     paper_config="localisation-paper.yaml",
-    figure_files=("localisation-maps.png", "localisation-maps-table.md", "localisation-patching-table.md"),
+    figure_files=("localisation-maps.png", "localisation-maps-table.md", "localisation-patching-table.md",
+                  "localisation-layers.png", "localisation-layers-table.md"),
     summary_line=_line,
 )
 run, config_from = STUDY.run, STUDY.config_from

@@ -230,13 +230,14 @@ def tiny_flux(seed: int = 0, num_layers: int = 1, num_single_layers: int = 2, t5
     )
 
 
-def tiny_unet(seed: int = 0, prediction_type: str = "v_prediction"):
+def tiny_unet(seed: int = 0, prediction_type: str = "v_prediction", text_length: int | None = None):
     """StableDiffusionPipeline with an SD2.1-style UNet (linear projections, v-prediction).
 
-    Image 32x32 -> latent 16x16; cross-attention at 16x16 and 8x8; text = 16 CLIP tokens.
+    Image 32x32 -> latent 16x16; cross-attention at 16x16 and 8x8; text = 16 CLIP tokens (or
+    ``text_length``: 77 as the real models, which DAAM assumes).
     """
     torch.manual_seed(seed)
-    tok = clip_tokenizer()
+    tok = clip_tokenizer() if text_length is None else clip_tokenizer(text_length)
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,

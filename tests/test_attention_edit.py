@@ -5,7 +5,7 @@ module's captured inputs and own weights (tests/reference.py); reading changes n
 import pytest
 import torch
 
-from dit_probe import get_adapter
+from dit_probe import get_adapter, record
 from dit_probe.adapters.base import CROSS, JOINT_IMAGE_TEXT, JOINT_TEXT_IMAGE
 from dit_probe.attention.edit import contributions, knock_out, withhold
 
@@ -162,3 +162,13 @@ def test_bad_inputs_are_named(pipes):
     with pytest.raises(KeyError, match="not in prompt"):
         with withhold(pipe, PROMPTS, "purple", ["block.00.joint"]):
             generate(pipe, PROMPTS, steps=1)
+
+
+def test_two_interceptions_of_one_layer_are_refused_clearly(pipes):
+    pipe = pipes("tiny-sd3")
+    with pytest.raises(RuntimeError, match="two attention read-outs or edits are on layer block.01.joint"):
+        with record(pipe, words=[WORD]), withhold(pipe, PROMPTS, WORD, ["block.01.joint"]):
+            generate(pipe, PROMPTS, steps=1)
+    with record(pipe, words=[WORD], layers=["block.00.joint"]) as maps, withhold(pipe, PROMPTS, WORD, ["block.01.joint"]):
+        generate(pipe, PROMPTS, steps=1)  # different layers: both work
+    assert maps.layers == ["block.00.joint"]

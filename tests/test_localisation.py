@@ -38,8 +38,9 @@ def test_localisation_runs_through_the_runner_and_reuses_its_cache(tmp_path):
                             withhold_k=[1], random_draws=1, heads=["shape"])
     logs = []
     summary = study.run(cfg, out=tmp_path / "l", log=logs.append, quiet=True)
-    assert set(summary.readout) == {"word", "word-text", "concept-output", "concept-probability"}
-    assert set(summary.word) == {"shape", "color"} and set(summary.layer) == {f"block.0{i}.joint" for i in range(4)}
+    assert set(summary.readout) == {"word", "word-text", "concept-output", "concept-probability", "default", "paper"}
+    assert set(summary.word) == {"shape", "color"} and set(summary.layer) == {f"block.0{i}.joint" for i in range(4)} | {"all"}
+    assert set(summary[summary.layer == "all"].readout) == {"default", "paper"}  # no DAAM for a joint-attention model
     assert summary.auroc.between(0, 1).all() and (summary.n == 2).all()
     again = []
     study.run(cfg, out=tmp_path / "l", log=again.append, quiet=True)

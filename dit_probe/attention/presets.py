@@ -7,8 +7,9 @@ of a word. Pure functions of a recording (``record``); nothing here touches a mo
   text attention).
 - ``daam``: DAAM 0.2.0's recipe for UNets (Tang et al., 2023; its ``trace.compute_global_heat_map`` and
   ``WordHeatMap.expand_as``), step by step:
-  1. layers: every cross-attention (attn2) of the up and down blocks, not the mid block; a layer whose
-     "factor" sqrt(latent_hw // its query count) is 8 is skipped, where latent_hw is 4096 if
+  1. layers: every cross-attention (attn2) of the up and down blocks, not the mid block, whose "factor"
+     int(sqrt(latent_hw // its query count)) is 0, 1, 2, 4, 16, 32 or 64 (8 is skipped while tracing, other
+     values are not among the factors ``compute_global_heat_map`` aggregates), where latent_hw is 4096 if
      ``unet.config.sample_size * vae_scale_factor`` is 512 or 1024 and 9216 otherwise;
   2. the conditional half of the batch, every head and token kept; summed (not averaged) over steps;
   3. each (layer, head) map of every token: bicubic to sqrt(latent_hw) squared, clamped at 0;
@@ -40,19 +41,24 @@ def daam_latent_hw(pipe) -> int:
     return 4096 if h in (512, 1024) else 9216
 
 
+DAAM_FACTORS = {0, 1, 2, 4, 16, 32, 64}  # compute_global_heat_map's {0, 1, 2, 4, 8, ..., 64}, less 8 (never traced)
+
+
 def daam_layers(maps: AttentionMaps, latent_hw: int) -> list[str]:
-    """The recorded layers DAAM aggregates: up and down cross-attention, factor 8 skipped."""
+    """The recorded layers DAAM aggregates: up and down cross-attention at the factors it keeps."""
     out = []
     for name in maps.layers:
         h, w = maps.grids[name]
-        if name.split(".")[0] in ("up", "down") and name.endswith(".cross") and int(math.sqrt(latent_hw // (h * w))) != 8:
+        if name.split(".")[0] in ("up", "down") and name.endswith(".cross") and int(math.sqrt(latent_hw // (h * w))) in DAAM_FACTORS:
             out.append(name)
     return out
 
 
-def daam_heat_maps(maps: AttentionMaps, tokens: list[int], latent_hw: int, batch: int = 0) -> torch.Tensor:
-    """DAAM's global heat maps of ``tokens`` (positions recorded with ``record(..., tokens=..., heads='keep')``):
-    (len(tokens), x, x) with x = sqrt(latent_hw); steps 1-4 of the recipe above."""
+def daam_heat_maps(maps: AttentionMaps, tokens: list, latent_hw: int, batch: int = 0) -> torch.Tensor:
+    """DAAM's global heat maps of ``tokens`` (labels recorded with ``record(..., heads='keep')``: token
+    positions, or words): (len(tokens), x, x) with x = sqrt(latent_hw); steps 1-4 of the recipe above.
+    ``latent_hw``: DAAM's own rule is ``daam_latent_hw(pipe)``; the latent's real size applies the recipe to a
+    model DAAM does not size right (a toy model: its factors would not be powers of two)."""
     if maps.heads_mode != "keep":
         raise ValueError("DAAM aggregates every head: record with heads='keep'")
     x = math.isqrt(latent_hw)

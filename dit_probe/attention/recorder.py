@@ -89,6 +89,12 @@ class _RecordingProcessor:
         if not self.recorder._wants_now():
             return self.original(attn, *args, **kwargs)
         previous = getattr(_tls, "capture", None)
+        if previous is not None and previous.site.path == self.site.path and not previous.seen:
+            raise RuntimeError(
+                f"two attention read-outs or edits are on layer {self.site.name} at once (record, contributions, "
+                "withhold, knock_out): each intercepts the layer's attention, so they cannot be nested on one layer; "
+                "run them one after another, or on different layers"
+            )
         cap = _tls.capture = _Capture(self.recorder, self.site)
         try:
             out = self.original(attn, *args, **kwargs)

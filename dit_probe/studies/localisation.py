@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ..attention import concept_maps, record
+from ..attention import concept_maps, presets, record
 from ..stats import group_cis
 from ..toyworld import COLORS, SHAPES, render_many, scenes
 from ..toyworld.world import IMAGE_SIZE, coverage
@@ -47,7 +47,9 @@ from .levels import LEVEL_AXES, apply_level, with_level
 from .runner import Report, Study, Unit
 from .sources import EditorSettings
 
-READOUTS = ("word", "word-text", "concept-output", "concept-probability")
+READOUTS = ("word", "word-text", "concept-output", "concept-probability", "default", "paper", "daam")
+# read-outs of one map per image from every layer and step (``attention.presets``), scored as layer "all"
+AGGREGATES = ("default", "paper", "daam")
 WORDS = ("shape", "color")
 # ConceptAttention's concept set: every toy shape and colour word and "background" (one vocabulary for
 # every image, as a segmentation by concepts uses it)
@@ -151,18 +153,31 @@ def _compute(ctx, unit: Unit, cfg: LocalisationConfig):
     joint = hasattr(editor.adapter, "concept_block")
     want_concepts = joint and any(r.startswith("concept") for r in cfg.readouts)
     text = "word-text" in cfg.readouts
+    daam = "daam" in cfg.readouts and editor.adapter.family == "unet"  # DAAM's recipe is for UNets
     with contextlib.ExitStack() as stack:  # concepts first: they encode their words on entry
         cm = stack.enter_context(concept_maps(editor.pipe, CONCEPTS)) if want_concepts else None
         maps = (stack.enter_context(record(editor.pipe, words={role: [getattr(s, role) for s in items] for role in WORDS},
-                                           prompt=[s.caption() for s in items], text_mass=text))
-                if text or "word" in cfg.readouts else None)
+                                           prompt=[s.caption() for s in items], text_mass=text,
+                                           heads="keep" if daam else "mean"))
+                if set(cfg.readouts) & {"word", "word-text", *AGGREGATES} else None)
         editor.reconstruct(enc)
     readouts = {}  # (read-out, role) -> ({layer: (step, image, h, w)}, steps)
     if maps is not None:
         for readout, norm in (("word", None), ("word-text", "text")):
             for role in WORDS:
-                readouts[(readout, role)] = ({name: maps.tensor(word=role, layer=name, normalise=norm)[:, 0, 0, :, 0, 0]
+                readouts[(readout, role)] = ({name: maps.tensor(word=role, layer=name, normalise=norm)[:, 0, 0, :, :, 0].mean(2)
                                               for name in maps.layers}, maps.steps)
+        for role in WORDS:  # the aggregates: one map per image, as "one step" of layer "all"
+            grid = max(maps.grids.values(), key=lambda g: g[0] * g[1])
+            # AttentionMaps.word_map's aggregate: every layer resized to the largest grid, mean over layers, steps, heads
+            every = torch.stack([maps.tensor(word=role, layer=n, grid=grid)[:, 0, 0, :, :, 0].mean(2) for n in maps.layers])
+            per = {"default": lambda i: every[:, :, i].mean((0, 1)),
+                   "paper": lambda i: presets.paper(maps, role, grid=grid, batch=i)}
+            if daam:
+                latent = editor.size // editor.adapter.vae_scale_factor
+                per["daam"] = lambda i: presets.daam(maps, [role], latent * latent, batch=i)
+            for readout, fn in per.items():
+                readouts[(readout, role)] = ({"all": torch.stack([fn(i) for i in range(len(items))])[None]}, [])
     if cm is not None:
         for kind in ("output", "probability"):
             t = cm.tensor(kind)  # (step, layer, image, concept, h, w)
@@ -218,7 +233,8 @@ def _figure(summary: pd.DataFrame):
             layers = list(dict.fromkeys(sub.layer))
             for readout, g in sub.groupby("readout", sort=False):
                 x = [layers.index(name) for name in g.layer]
-                ax.errorbar(x, g.auroc, yerr=[g.auroc - g.auroc_lo, g.auroc_hi - g.auroc], marker="o", ms=3,
+                yerr = np.clip([g.auroc - g.auroc_lo, g.auroc_hi - g.auroc], 0, None)  # a small bootstrap may miss the mean
+                ax.errorbar(x, g.auroc, yerr=yerr, marker="o", ms=3,
                             capsize=2, label=readout)
             ax.axhline(0.5, color="gray", lw=0.8, ls=":")
             ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=6)
@@ -284,7 +300,8 @@ STUDY = Study(
     config=LocalisationConfig,
     units=_units,
     setup=_setup, compute=_compute, report=_report, axes=("models", *LEVEL_AXES),
-    paper="ConceptAttention and attention maps vs exact masks (toy pair)", toy_config="localisation-toy.yaml",
+    paper="read-outs (maps, presets, ConceptAttention, attention contribution) vs exact masks, and where an attribute "
+    "is decided (patching, text swap, withholding, head knockout), toy pair", toy_config="localisation-toy.yaml",
     paper_config="localisation-paper.yaml",
     figure_files=("localisation-maps.png", "localisation-maps-table.md", "localisation-patching-table.md",
                   "localisation-layers.png", "localisation-layers-table.md"),

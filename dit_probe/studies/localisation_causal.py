@@ -285,7 +285,7 @@ def figure(s: pd.DataFrame, maps: pd.DataFrame | None):
             for kind, label, measure, sel in (("swap", "text swap: donor value", "flipped", g.k == 1),
                                               ("withhold", "withhold word: value lost", "lost", g.variant.isin(layers))):
                 sub = g[(g.kind == kind) & sel].set_index("variant").reindex(layers)
-                ax.errorbar(x, sub[measure], yerr=[sub[measure] - sub[measure + "_lo"], sub[measure + "_hi"] - sub[measure]],
+                ax.errorbar(x, sub[measure], yerr=np.clip([sub[measure] - sub[measure + "_lo"], sub[measure + "_hi"] - sub[measure]], 0, None),
                             marker="o", ms=3, capsize=2, label=label)
             ax.plot(x, contrib.value / contrib.value.max(), "s--", ms=3, label="attention contribution (scaled)")
             if maps is not None and attribute in ("color", "shape"):

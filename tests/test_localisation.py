@@ -16,11 +16,24 @@ def test_scores_of_known_maps():
     perfect = mask.astype(float) + 0.01 * np.random.default_rng(0).random((8, 8))
     s = score_map(perfect, mask)
     assert s["auroc"] == 1.0 and s["ap"] == 1.0 and s["iou"] == 1.0 and s["pointing"] and s["area"] == 9 / 64
+    assert s["best_iou"] == 1.0
     inverted = score_map(-perfect, mask)
     assert inverted["auroc"] == 0.0 and not inverted["pointing"] and inverted["iou"] == 0.0
+    assert inverted["best_iou"] == 9 / 64  # the best an inverted map can do: every pixel
     flat_but_one = np.zeros((8, 8))
     flat_but_one[0, 0] = 1.0
     assert not score_map(flat_but_one, mask)["pointing"]
+
+
+def test_best_iou_equals_a_brute_force_over_thresholds():
+    from dit_probe.studies.localisation import best_iou
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        soft = np.round(rng.random((12, 12)), 1)  # ties
+        mask = rng.random((12, 12)) < 0.3
+        brute = max(((soft >= t) & mask).sum() / ((soft >= t) | mask).sum() for t in np.unique(soft))
+        assert abs(best_iou(soft, mask) - brute) < 1e-12
 
 
 def test_otsu_splits_two_groups():
@@ -33,7 +46,8 @@ def test_localisation_runs_through_the_runner_and_reuses_its_cache(tmp_path):
     import pandas as pd
 
     study = STUDIES["localisation"]
-    cfg = study.config_from(models=["toy-mmdit"], n=2, bootstrap=10, num_inference_steps=6, patch_n=2, windows=["all", "late"],
+    cfg = study.config_from(models=["toy-mmdit"], n=2, generate_n=2, bootstrap=10, num_inference_steps=6, patch_n=2,
+                            windows=["all", "late"],
                             patch_attributes=["color"], layers_n=2, attributes=["shape"], rank_n=2, swap_widths=[1],
                             withhold_k=[1], random_draws=1, heads=["shape"])
     logs = []
@@ -41,11 +55,12 @@ def test_localisation_runs_through_the_runner_and_reuses_its_cache(tmp_path):
     assert set(summary.readout) == {"word", "word-text", "concept-output", "concept-probability", "default", "paper"}
     assert set(summary.word) == {"shape", "color"} and set(summary.layer) == {f"block.0{i}.joint" for i in range(4)} | {"all"}
     assert set(summary[summary.layer == "all"].readout) == {"default", "paper"}  # no DAAM for a joint-attention model
-    assert summary.auroc.between(0, 1).all() and (summary.n == 2).all()
+    assert summary.auroc.between(0, 1).all() and set(summary.level) == {"log_snr=-1.5", "generate"}
+    assert (summary[summary.level != "generate"].n == 2).all()  # generated: images where the judge found an object
     again = []
     study.run(cfg, out=tmp_path / "l", log=again.append, quiet=True)
     computed = lambda lines: [m for m in map(str, lines) if re.search(r"\(\d+ s\)$", m)]  # noqa: E731
-    assert len(computed(logs)) == 3 and computed(again) == []  # the maps, patching and layers units
+    assert len(computed(logs)) == 4 and computed(again) == []  # the maps, generated, patching and layers units
     p = pd.read_csv(tmp_path / "l" / "patching-summary.csv")
     sites = ({"none"} | {f"block.0{i}.image" for i in range(4)} | {f"block.0{i}.text" for i in range(3)}
              | {f"block.0{i}.text_in" for i in range(4)})

@@ -38,8 +38,11 @@ from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ..attention import concept_maps, presets, record
+from ..causal import generate
 from ..stats import group_cis
 from ..toyworld import COLORS, SHAPES, render_many, scenes
+from ..toyworld import Judge
+from ..toyworld.judge import at_judge_size
 from ..toyworld.world import IMAGE_SIZE, coverage
 from . import localisation_causal as causal
 from .localisation_causal import CAUSAL_ATTRIBUTES, WINDOWS
@@ -61,6 +64,7 @@ class LocalisationConfig(EditorSettings):
     log_snrs: list[float] = [-1.5]
     readouts: list[str] = list(READOUTS)
     n: int = 48
+    generate_n: int = 24  # maps recorded while generating captions from noise, scored against the judge's segmentation
     seed: int = 0
     # activation patching: generations whose caption's attribute is changed; each hidden site and text
     # input patched from the changed caption's generation over each window of steps
@@ -107,13 +111,25 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     return float(edges[np.argmax(w0 * w1 * (m0 - m1) ** 2) + 1])  # the upper edge of the lower class's last bin
 
 
+def best_iou(soft: np.ndarray, mask: np.ndarray) -> float:
+    """The IoU of the map thresholded at its best threshold (an oracle's choice, the ceiling of any rule):
+    the pixels at or above each distinct value in turn, from the top."""
+    s, m = soft.ravel(), mask.ravel()
+    order = np.argsort(-s, kind="stable")
+    tp = np.cumsum(m[order])
+    k = np.arange(1, len(s) + 1)
+    ends = np.r_[s[order][1:] != s[order][:-1], True]  # the last pixel of each run of equal values
+    return float((tp / (k + m.sum() - tp))[ends].max())
+
+
 def score_map(soft: np.ndarray, mask: np.ndarray) -> dict:
-    """AUROC, average precision, Otsu IoU and the pointing game of a (H, W) map against a boolean mask."""
+    """AUROC, average precision, Otsu and best-threshold IoU and the pointing game of a (H, W) map against a
+    boolean mask."""
     s, m = soft.ravel(), mask.ravel()
     hard = s > otsu_threshold(s)
     return {"auroc": roc_auc_score(m, s), "ap": average_precision_score(m, s),
-            "iou": float((hard & m).sum() / max((hard | m).sum(), 1)), "pointing": bool(m[np.argmax(s)]),
-            "area": float(m.mean())}
+            "iou": float((hard & m).sum() / max((hard | m).sum(), 1)), "best_iou": best_iou(soft, mask),
+            "pointing": bool(m[np.argmax(s)]), "area": float(m.mean())}
 
 
 def auroc(soft: np.ndarray, mask: np.ndarray) -> float:
@@ -136,20 +152,9 @@ def _upsample(t: torch.Tensor) -> np.ndarray:
     return up.reshape(*t.shape[:-2], IMAGE_SIZE, IMAGE_SIZE).numpy()
 
 
-def _compute(ctx, unit: Unit, cfg: LocalisationConfig):
-    if unit["part"] in ("patching", "layers"):
-        part = causal.patching_part if unit["part"] == "patching" else causal.layers_part
-        frame = part(ctx.editor, cfg, unit["attribute"])
-        frame.insert(0, "attribute", unit["attribute"])
-        frame.insert(0, "part", unit["part"])
-        frame.insert(0, "model", unit.model)
-        return frame, None
-    editor = ctx.editor
-    level = apply_level(editor, unit["level"])
-    items = scenes(cfg.n, cfg.seed)
-    masks = np.stack([coverage(s) >= 0.5 for s in items])
-    enc = editor.encode(render_many(items, editor.size), [s.caption() for s in items],
-                        [cfg.seed * 100_000 + i for i in range(cfg.n)])
+def _record_readouts(editor, cfg: LocalisationConfig, items, run) -> dict:
+    """Every read-out of ``cfg.readouts`` recorded while ``run()`` denoises ``items``' captions:
+    (read-out, word role) -> ({layer: (step, image, h, w)}, steps)."""
     joint = hasattr(editor.adapter, "concept_block")
     want_concepts = joint and any(r.startswith("concept") for r in cfg.readouts)
     text = "word-text" in cfg.readouts
@@ -160,7 +165,7 @@ def _compute(ctx, unit: Unit, cfg: LocalisationConfig):
                                            prompt=[s.caption() for s in items], text_mass=text,
                                            heads="keep" if daam else "mean"))
                 if set(cfg.readouts) & {"word", "word-text", *AGGREGATES} else None)
-        editor.reconstruct(enc)
+        run()
     readouts = {}  # (read-out, role) -> ({layer: (step, image, h, w)}, steps)
     if maps is not None:
         for readout, norm in (("word", None), ("word-text", "text")):
@@ -185,18 +190,56 @@ def _compute(ctx, unit: Unit, cfg: LocalisationConfig):
                 which = torch.tensor([CONCEPTS.index(getattr(s, role)) for s in items])
                 readouts[(f"concept-{kind}", role)] = (
                     {name: t[:, j, torch.arange(len(items)), which] for j, name in enumerate(cm.layers)}, cm.steps)
+    return readouts
+
+
+def _score(readouts: dict, cfg: LocalisationConfig, masks: np.ndarray) -> list[dict]:
+    """Each map (mean over steps, and per step: AUROC) against each image's object mask."""
     rows = []
     for (readout, role), (per_layer, steps) in readouts.items():
         if readout not in cfg.readouts:
             continue
         for name, m in per_layer.items():
             up = _upsample(m)  # (step, image, 32, 32)
-            for i in range(len(items)):
+            for i in range(len(masks)):
+                if masks[i].all() or not masks[i].any():
+                    continue  # no object found, or nothing else: a map cannot be scored against it
                 rows.append(dict(scene=i, readout=readout, word=role, layer=name, step="mean",
                                  **score_map(up[:, i].mean(0), masks[i])))
                 for k, step in enumerate(steps):  # per step: AUROC only
                     rows.append(dict(scene=i, readout=readout, word=role, layer=name, step=str(step),
                                      auroc=auroc(up[k, i], masks[i]), area=float(masks[i].mean())))
+    return rows
+
+
+def _compute(ctx, unit: Unit, cfg: LocalisationConfig):
+    if unit["part"] in ("patching", "layers"):
+        part = causal.patching_part if unit["part"] == "patching" else causal.layers_part
+        frame = part(ctx.editor, cfg, unit["attribute"])
+        frame.insert(0, "attribute", unit["attribute"])
+        frame.insert(0, "part", unit["part"])
+        frame.insert(0, "model", unit.model)
+        return frame, None
+    editor = ctx.editor
+    if unit["part"] == "generated":
+        # captions generated from noise; the mask is the judge's segmentation of the generated image
+        items = scenes(cfg.generate_n, cfg.seed * 1000 + 8)
+        prompts = [s.caption() for s in items]
+        call = dict(num_inference_steps=editor.num_inference_steps, guidance_scale=editor.guidance_scale,
+                    output_type="np", **editor._prompt_kwargs)
+        holder = {}
+        readouts = _record_readouts(editor, cfg, items, lambda: holder.update(images=generate(editor.pipe, prompts, cfg.seed, **call)))
+        images = at_judge_size((np.asarray(holder["images"]) * 255).round().clip(0, 255).astype(np.uint8))
+        masks = Judge.segment(images)
+        level = {"level": "generate", "target_log_snr": np.nan, "strength": 1.0, "log_snr": np.nan, "paper_start": False}
+    else:
+        level = apply_level(editor, unit["level"])
+        items = scenes(cfg.n, cfg.seed)
+        masks = np.stack([coverage(s) >= 0.5 for s in items])
+        enc = editor.encode(render_many(items, editor.size), [s.caption() for s in items],
+                            [cfg.seed * 100_000 + i for i in range(cfg.n)])
+        readouts = _record_readouts(editor, cfg, items, lambda: editor.reconstruct(enc))
+    rows = _score(readouts, cfg, masks)
     frame = with_level(pd.DataFrame(rows), level)
     frame.insert(0, "part", "maps")
     frame.insert(0, "model", unit.model)
@@ -206,24 +249,28 @@ def _compute(ctx, unit: Unit, cfg: LocalisationConfig):
 def summarise(rows: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     """Per model, read-out, word and layer (maps averaged over steps): means with 95% CIs over scenes."""
     return group_cis(rows[rows.step == "mean"], ["model", "level", "readout", "word", "layer"],
-                     ("auroc", "ap", "iou", "pointing"), n_boot, first=["log_snr"], means=["area"])
+                     ("auroc", "ap", "iou", "best_iou", "pointing"), n_boot, first=["log_snr"], means=["area"])
 
 
 _ci = causal._ci
 
 
 def _table(summary: pd.DataFrame) -> str:
-    lines = ["Maps (mean over steps) against the object's exact mask; 95% bootstrap CIs over scenes. Chance: "
-             "AUROC 0.50; AP and pointing game = the object's area share (column 'area').", "",
-             "| model | log-SNR | word | read-out | layer | AUROC | AP | Otsu IoU | pointing game | area |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Maps (mean over steps) against the object's exact mask of rendered scenes re-generated from a log-SNR, "
+             "or ('generated') against the judge's segmentation of images generated from noise; 95% bootstrap CIs "
+             "over scenes. Chance: AUROC 0.50; AP and pointing game = the object's area share (column 'area').", "",
+             "| model | log-SNR | word | read-out | layer | AUROC | AP | Otsu IoU | best IoU | pointing game | area |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary.sort_values(["model", "word", "readout"], kind="stable").to_dict("records"):
-        lines.append(f"| {r['model']} | {r['log_snr']:.2f} | {r['word']} | {r['readout']} | {r['layer']} | {_ci(r, 'auroc')} | "
-                     f"{_ci(r, 'ap')} | {_ci(r, 'iou')} | {_ci(r, 'pointing')} | {r['area']:.2f} |")
+        where = f"{r['log_snr']:.2f}" if np.isfinite(r["log_snr"]) else "generated"
+        lines.append(f"| {r['model']} | {where} | {r['word']} | {r['readout']} | {r['layer']} | {_ci(r, 'auroc')} | "
+                     f"{_ci(r, 'ap')} | {_ci(r, 'iou')} | {_ci(r, 'best_iou')} | {_ci(r, 'pointing')} | {r['area']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def _figure(summary: pd.DataFrame):
+    """AUROC per layer and read-out at the first re-generation level (the generated images: in the tables)."""
+    summary = summary[summary.level == summary.level.iloc[0]]
     models = list(dict.fromkeys(summary.model))
     fig, axes = plt.subplots(2, len(models), figsize=(4.6 * len(models), 6.2), squeeze=False)
     for j, model in enumerate(models):
@@ -266,10 +313,12 @@ def _report(cfg: LocalisationConfig, results, out) -> Report:
         layered = pd.concat(parts["layers"], ignore_index=True)
         s = causal.summarise_layers(layered, cfg.bootstrap)
         small = causal.smallest_flipping_window(s)
-        agree = causal.agreement(layered, rows, cfg.bootstrap)
+        regenerated = rows.level != "generate"  # map quality at the re-generation level, exact masks
+        agree = causal.agreement(layered, rows[regenerated], cfg.bootstrap)
         ltable = causal.layers_table(s, small, agree)
         files.update({"layers.csv": layered, "layers-summary.csv": s, "agreement.csv": agree})
-        figures.update({"localisation-layers-table.md": ltable, "localisation-layers.png": causal.figure(s, summary)})
+        figures.update({"localisation-layers-table.md": ltable,
+                        "localisation-layers.png": causal.figure(s, summary[summary.level != "generate"])})
         table += "\n" + ltable
     files["table.md"] = table
     return Report(summary, files=files, figures=figures, text=table)
@@ -288,6 +337,8 @@ def _line(frame: pd.DataFrame) -> str:
 
 def _units(cfg: LocalisationConfig) -> list[Unit]:
     units = [Unit(m, (("part", "maps"), ("level", lv))) for m in cfg.models for lv in cfg.levels()]
+    if cfg.generate_n:
+        units += [Unit(m, (("part", "generated"),)) for m in cfg.models]
     for part, n, attributes in (("patching", cfg.patch_n, cfg.patch_attributes), ("layers", cfg.layers_n, cfg.attributes)):
         if n:
             units += [Unit(m, (("part", part), ("attribute", a))) for m in cfg.models for a in attributes]

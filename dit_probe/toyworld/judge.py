@@ -133,6 +133,12 @@ class Judge:
         soft = np.clip(dist / (2 * MASK_DISTANCE), 0, 1).astype(np.float32)
         return {"background_rgb": bg, "object_rgb": obj, "pixels": count, "extent": extent, "mask": soft}
 
+    @staticmethod
+    def segment(images) -> np.ndarray:
+        """The object's pixels as the judge sees them (farther than MASK_DISTANCE from the background
+        colour): (N, H, W) booleans."""
+        return Judge.measure(images)["mask"] > 0.5
+
     # ----- soft scores -----
     @torch.no_grad()
     def scores(self, images) -> dict[str, np.ndarray]:

@@ -72,7 +72,7 @@ class _Tracker:
         self._in_step = self._in_step + 1 if t == self._last_t else 0
         self._last_t = t
         batch = self.adapter.batch_rows(args, kwargs)
-        branch_of_row = self.adapter.branches(batch, self._in_step)
+        branch_of_row = self.adapter.call_branches(args, kwargs, self._in_step)
         step = self._step(t)
         rows = [r for r, b in enumerate(branch_of_row) if b in self.branches] if self.wanted(step) else []
         train = self.adapter.pipe.scheduler.config.num_train_timesteps

@@ -18,9 +18,12 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -272,11 +275,38 @@ def tiny_unet(seed: int = 0, prediction_type: str = "v_prediction", text_length:
     )
 
 
+def tiny_pixart(seed: int = 0):
+    """PixArtSigmaPipeline: a DiT with cross-attention (PixArtTransformer2DModel, adaLN-single, learned
+    sigma), T5 text, DPM-Solver++ as the real model's scheduler.
+
+    Image 32x32 -> latent 16x16 -> 64 image tokens (patch 2); 2 blocks of 2 heads x 16; text = 16 T5 tokens.
+    """
+    torch.manual_seed(seed)
+    tok = t5_tokenizer()
+    transformer = PixArtTransformer2DModel(
+        sample_size=16,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,  # learned sigma, as PixArt-alpha/Sigma
+        patch_size=2,
+        cross_attention_dim=32,
+        caption_channels=32,
+        norm_num_groups=8,
+    ).eval()
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                            prediction_type="epsilon")
+    return PixArtSigmaPipeline(tokenizer=tok, text_encoder=_t5_encoder(tok, 32), vae=_vae(4, flow=False),
+                               transformer=transformer, scheduler=scheduler)
+
+
 TINY = {
     "tiny-sd3": lambda: tiny_sd3(),
     "tiny-sd3.5": lambda: tiny_sd3(sd35=True),
     "tiny-flux": lambda: tiny_flux(),
     "tiny-unet": lambda: tiny_unet(),
+    "tiny-pixart": lambda: tiny_pixart(),
 }
 
 

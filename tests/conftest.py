@@ -8,7 +8,7 @@ import torch
 
 from dit_probe.tiny import tiny_pipeline
 
-FAMILIES = ["tiny-sd3", "tiny-sd3.5", "tiny-flux", "tiny-unet"]
+FAMILIES = ["tiny-sd3", "tiny-sd3.5", "tiny-flux", "tiny-unet", "tiny-pixart"]
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +32,8 @@ def generate(pipe, prompts, steps=3, seed=0, cfg=True, **extra):
     fam = get_adapter(pipe).family
     if fam != "unet":
         kw["max_sequence_length"] = 16
+    if fam == "pixart":  # exact sizes (no resolution binning); no caption cleaning (it needs bs4 and ftfy)
+        kw.update(use_resolution_binning=False, clean_caption=False)
     if fam == "flux":
         kw.update(guidance_scale=3.5, true_cfg_scale=4.0 if cfg else 1.0, negative_prompt="a blue sky" if cfg else None)
     else:

@@ -40,9 +40,13 @@ def _full_softmax(kind, attn, args, kwargs, text_len, dtype=None):
     hs = kwargs.get("hidden_states", args[0] if args else None)
     ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     h = attn.heads
-    if kind == "cross":  # UNet attn2: queries image, keys text
+    if kind == "cross":  # UNet / PixArt attn2: queries image, keys text
         q, k = _heads(attn.to_q(hs), h).to(dtype or hs.dtype), _heads(attn.to_k(ehs), h).to(dtype or hs.dtype)
-        p = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        mask = kwargs.get("attention_mask")  # PixArt: an additive bias (b, 1, keys) on padded text tokens
+        if mask is not None:
+            logits = logits + mask.to(logits.dtype)[:, None]
+        p = logits.softmax(-1)
         return p, {"q_image": slice(None), "q_text": None, "k_image": None, "k_text": slice(None)}
     q = _rms(_heads(attn.to_q(hs), h), attn.norm_q)
     k = _rms(_heads(attn.to_k(hs), h), attn.norm_k)

@@ -114,7 +114,7 @@ def test_record_bad_inputs(pipes):
     for kw, exc, says in cases:
         with pytest.raises(exc, match=says):
             record(sd3, **kw).__enter__()
-    with pytest.raises(ValueError, match="text tokens are never updated in a UNet"):
+    with pytest.raises(ValueError, match="text tokens are never updated by cross-attention"):
         record(unet, words=["red"], relation="text->text").__enter__()
     with record(sd3, words=["red"]) as maps:
         generate(sd3, ["a red car"], steps=0) if False else None  # noqa: the pipeline is not called

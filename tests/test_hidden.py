@@ -11,7 +11,8 @@ from dit_probe.hidden import intervene, record_states
 from .conftest import FAMILIES, generate
 
 PROMPTS = ["a red car on a blue background", "a small red giraffe"]
-SITE = {"tiny-sd3": "block.01.image", "tiny-sd3.5": "block.00.text", "tiny-flux": "single.00.text", "tiny-unet": "mid.out"}
+SITE = {"tiny-sd3": "block.01.image", "tiny-sd3.5": "block.00.text", "tiny-flux": "single.00.text", "tiny-unet": "mid.out",
+        "tiny-pixart": "block.00.image"}
 
 
 def test_hidden_site_names(pipes):

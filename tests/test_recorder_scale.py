@@ -78,7 +78,10 @@ def test_every_layer_takes_the_kernel_path_on_cpu(pipes, name):
     with record(pipe, words=["red"], branch="both") as maps:
         generate(pipe, PROMPTS, steps=2)
     assert set(maps.paths) == set(maps.layers)
-    assert all(set(p) == {"kernel"} for p in maps.paths.values()), maps.paths
+    # PixArt masks its padded text keys: a masked call takes the chunked path by design (the kernel path's
+    # log-sum-exp has no mask); every other family's calls are unmasked
+    expected = {"chunked"} if name == "tiny-pixart" else {"kernel"}
+    assert all(set(p) == expected for p in maps.paths.values()), maps.paths
     with record(pipe, words=["red"], method="chunked") as chunked:
         generate(pipe, PROMPTS, steps=2)
     assert all(set(p) == {"chunked"} for p in chunked.paths.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Adapter, AttentionSite, Conditioning, StreamTokens, TextStream, locate_word
 from .flux import FluxAdapter
+from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 
@@ -11,6 +12,7 @@ _BY_DENOISER = {
     "SD3Transformer2DModel": SD3Adapter,
     "FluxTransformer2DModel": FluxAdapter,
     "UNet2DConditionModel": UNetAdapter,
+    "PixArtTransformer2DModel": PixArtAdapter,
 }
 
 
@@ -28,4 +30,4 @@ def get_adapter(pipe) -> Adapter:
     return _BY_DENOISER[name](pipe)
 
 
-__all__ = ["Adapter", "AttentionSite", "Conditioning", "StreamTokens", "TextStream", "get_adapter", "locate_word", "SD3Adapter", "FluxAdapter", "UNetAdapter"]
+__all__ = ["Adapter", "AttentionSite", "Conditioning", "StreamTokens", "TextStream", "get_adapter", "locate_word", "SD3Adapter", "FluxAdapter", "PixArtAdapter", "UNetAdapter"]

@@ -141,9 +141,11 @@ class Conditioning:
     pooled: torch.Tensor | None = None
     neg_embeds: torch.Tensor | None = None
     neg_pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # the text's attention mask, where the denoiser reads one (PixArt)
+    neg_mask: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)  # not batched (Flux: txt_ids)
 
-    _BATCHED = ("embeds", "pooled", "neg_embeds", "neg_pooled")
+    _BATCHED = ("embeds", "pooled", "neg_embeds", "neg_pooled", "mask", "neg_mask")
 
     def map(self, fn) -> "Conditioning":
         """Apply ``fn`` to every batched tensor (None stays None)."""
@@ -230,7 +232,7 @@ class Adapter:
         integer indices into those layers."""
         recordable = [s for s in self._sites if s.supports(relation)]
         if not recordable:
-            why = ("its cross-attention has no text queries: text tokens are never updated in a UNet"
+            why = ("its cross-attention has no text queries: text tokens are never updated by cross-attention"
                    if relation.startswith("text") else "it has no such attention")
             raise ValueError(f"this {self.family} model has no layer for relation {relation!r}: {why}")
         if layers is None:
@@ -341,6 +343,10 @@ class Adapter:
         if t is None and len(call_args) > 1:
             t = call_args[1]
         return float(torch.as_tensor(t).flatten()[0])
+
+    def call_branches(self, call_args: tuple, call_kwargs: dict, call_in_step: int) -> list[str]:
+        """CFG branch of each batch row of a denoiser call (what the recorder and ``intervene`` use)."""
+        return self.branches(self.batch_rows(call_args, call_kwargs), call_in_step)
 
     def branches(self, batch_rows: int, call_in_step: int) -> list[str]:
         """CFG branch of each batch row of a denoiser call: SD3 and SD pipelines batch [uncond | cond]."""

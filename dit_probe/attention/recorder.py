@@ -584,7 +584,7 @@ class Recorder:
             self._start_generation()
         g = self._gen
         self._advance_step(g, t)
-        branch_of_row = self.adapter.branches(self.adapter.batch_rows(args, kwargs), g.call_in_step)
+        branch_of_row = self.adapter.call_branches(args, kwargs, g.call_in_step)
         if g.batch is None:  # the generation's first call
             g.batch = sum(1 for b in branch_of_row if b == branch_of_row[-1])
             self._check_budget(g, self.adapter.image_grid(args, kwargs), self.adapter.text_length(kwargs))

@@ -452,6 +452,19 @@ class Adapter:
         return num_steps - min(int(num_steps * strength), num_steps)
 
 
+class PatchGrid:
+    """The image-token grid of a DiT that patchifies a 4D latent (SD3, PixArt): latent size / patch size."""
+
+    def image_grid(self, call_args, call_kwargs):
+        x = self.latent_input(call_args, call_kwargs)
+        p = self.denoiser.config.patch_size
+        return x.shape[-2] // p, x.shape[-1] // p
+
+    def token_grid(self, height, width):
+        f = self.vae_scale_factor * self.denoiser.config.patch_size
+        return height // f, width // f
+
+
 def _require_text(prompt) -> None:
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: there are no words to record; give token indices instead")

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import CROSS, IMAGE_SELF, Adapter, AttentionSite, Conditioning, HiddenSite, TextStream, block_name
+from .base import CROSS, IMAGE_SELF, Adapter, AttentionSite, Conditioning, HiddenSite, PatchGrid, TextStream, block_name
 from .ddpm import DDPMMaths
 
 
-class PixArtAdapter(DDPMMaths, Adapter):
+class PixArtAdapter(PatchGrid, DDPMMaths, Adapter):
     family = "pixart"
     denoiser_attr = "transformer"
 
@@ -60,15 +60,6 @@ class PixArtAdapter(DDPMMaths, Adapter):
     def streams(self, text_len=None):
         n = text_len if text_len is not None else self.default_max_sequence_length
         return [TextStream("t5", self.pipe.tokenizer, 0, n)]
-
-    def image_grid(self, call_args, call_kwargs):
-        x = self.latent_input(call_args, call_kwargs)
-        p = self.denoiser.config.patch_size
-        return x.shape[-2] // p, x.shape[-1] // p
-
-    def token_grid(self, height, width):
-        f = self.vae_scale_factor * self.denoiser.config.patch_size
-        return height // f, width // f
 
     def encode_prompt(self, prompt, negative_prompt="", do_cfg=True, max_sequence_length=None):
         pe, pm, ne, nm = self.pipe.encode_prompt(

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import (IMAGE_SELF, JOINT_IMAGE_TEXT, Adapter, AttentionSite, Conditioning, HiddenSite, TextStream, block_name,
-                   concept_attention)
+from .base import (IMAGE_SELF, JOINT_IMAGE_TEXT, Adapter, AttentionSite, Conditioning, HiddenSite, PatchGrid, TextStream,
+                   block_name, concept_attention)
 from .flow import FlowMatchingMaths
 
 
 SKIP_LAYER_GUIDANCE = "skip-layer guidance"  # a branch label no recording selects
 
 
-class SD3Adapter(FlowMatchingMaths, Adapter):
+class SD3Adapter(PatchGrid, FlowMatchingMaths, Adapter):
     family = "sd3"
     denoiser_attr = "transformer"
 
@@ -115,15 +115,6 @@ class SD3Adapter(FlowMatchingMaths, Adapter):
         return [(block_name("block", i, "joint"), b, {"q": (b.attn.to_q, "out"), "k": (b.attn.to_k, "out"),
                                                        "v": (b.attn.to_v, "out"), "o": (b.attn.to_out[0], "in")})
                 for i, b in enumerate(self.denoiser.transformer_blocks)]
-
-    def image_grid(self, call_args, call_kwargs):
-        x = self.latent_input(call_args, call_kwargs)
-        p = self.denoiser.config.patch_size
-        return x.shape[-2] // p, x.shape[-1] // p
-
-    def token_grid(self, height, width):
-        f = self.vae_scale_factor * self.denoiser.config.patch_size
-        return height // f, width // f
 
     def encode_prompt(self, prompt, negative_prompt="", do_cfg=True, max_sequence_length=None):
         pe, npe, pp, npp = self.pipe.encode_prompt(

@@ -50,6 +50,10 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("sd2.1", "stabilityai/stable-diffusion-2-1", "StableDiffusionPipeline", "unet", resolution=768,
                   note="v-prediction"),
         ModelSpec("sd2.1-base", "stabilityai/stable-diffusion-2-1-base", "StableDiffusionPipeline", "unet", resolution=512),
+        ModelSpec("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "StableDiffusionXLPipeline", "sdxl",
+                  guidance_scale=5.0, num_inference_steps=50,
+                  note="the most used UNet: two CLIP encoders, text-time conditioning; its pipeline's defaults "
+                  "(CFG 5.0, 50 steps), not the paper's; its VAE overflows in float16 (decode in float32)"),
         ModelSpec("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "PixArtSigmaPipeline", "pixart",
                   guidance_scale=4.5, num_inference_steps=20,
                   note="a DiT with cross-attention (T5, 300 tokens): the transformer-vs-joint-attention control; the "

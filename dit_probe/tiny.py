@@ -27,6 +27,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import (
@@ -233,6 +234,16 @@ def tiny_flux(seed: int = 0, num_layers: int = 1, num_single_layers: int = 2, t5
     )
 
 
+# the tiny UNets' shared shape: latent 16x16, two levels; heads per level, as SD2's attention_head_dim means
+_TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                  attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
+
+
+def _sd_ddim(prediction_type: str) -> DDIMScheduler:
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
 def tiny_unet(seed: int = 0, prediction_type: str = "v_prediction", text_length: int | None = None):
     """StableDiffusionPipeline with an SD2.1-style UNet (linear projections, v-prediction).
 
@@ -242,30 +253,14 @@ def tiny_unet(seed: int = 0, prediction_type: str = "v_prediction", text_length:
     torch.manual_seed(seed)
     tok = clip_tokenizer() if text_length is None else clip_tokenizer(text_length)
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        **_TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=(2, 4),  # SD2 convention: number of heads per block
-        use_linear_projection=True,
-        norm_num_groups=8,
     ).eval()
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
     return StableDiffusionPipeline(
         unet=unet,
-        scheduler=scheduler,
+        scheduler=_sd_ddim(prediction_type),
         vae=_vae(4, flow=False),
         text_encoder=CLIPTextModel(_clip_config(tok, 32, 32)).eval(),
         tokenizer=tok,
@@ -273,6 +268,31 @@ def tiny_unet(seed: int = 0, prediction_type: str = "v_prediction", text_length:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_sdxl(seed: int = 0):
+    """StableDiffusionXLPipeline: an SDXL-style UNet (text-time conditioning, 1 and 2 transformer layers per
+    attention block), two CLIP encoders (width 32 each, concatenated to 64), eps prediction.
+
+    Image 32x32 -> latent 16x16; cross-attention at 8x8; text = 16 CLIP tokens.
+    """
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    unet = UNet2DConditionModel(
+        **_TINY_UNET,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # the six size ids, and the pooled text
+        cross_attention_dim=64,
+    ).eval()
+    scheduler = _sd_ddim("epsilon")
+    return StableDiffusionXLPipeline(
+        vae=_vae(4, flow=False), text_encoder=CLIPTextModel(_clip_config(tok, 32, 32)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok, 32, 32)).eval(), tokenizer=tok, tokenizer_2=tok,
+        unet=unet, scheduler=scheduler, add_watermarker=False)
 
 
 def tiny_pixart(seed: int = 0):
@@ -307,6 +327,7 @@ TINY = {
     "tiny-flux": lambda: tiny_flux(),
     "tiny-unet": lambda: tiny_unet(),
     "tiny-pixart": lambda: tiny_pixart(),
+    "tiny-sdxl": lambda: tiny_sdxl(),
 }
 
 

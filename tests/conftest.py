@@ -8,7 +8,7 @@ import torch
 
 from dit_probe.tiny import tiny_pipeline
 
-FAMILIES = ["tiny-sd3", "tiny-sd3.5", "tiny-flux", "tiny-unet", "tiny-pixart"]
+FAMILIES = ["tiny-sd3", "tiny-sd3.5", "tiny-flux", "tiny-unet", "tiny-pixart", "tiny-sdxl"]
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def generate(pipe, prompts, steps=3, seed=0, cfg=True, **extra):
 
     kw = dict(height=32, width=32, num_inference_steps=steps, output_type="pt")
     fam = get_adapter(pipe).family
-    if fam != "unet":
+    if fam not in ("unet", "sdxl"):  # the T5 length (the UNet pipelines have no such argument)
         kw["max_sequence_length"] = 16
     if fam == "pixart":  # exact sizes (no resolution binning); no caption cleaning (it needs bs4 and ftfy)
         kw.update(use_resolution_binning=False, clean_caption=False)

@@ -85,7 +85,7 @@ def test_cfg_branch_layout(pipes, name):
 
 
 # ----- model maths -----
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-unet", "tiny-flux"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-unet", "tiny-flux", "tiny-pixart", "tiny-sdxl"])
 def test_conversions_are_consistent(pipes, name):
     ad = get_adapter(pipes(name))
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def test_conversions_are_consistent(pipes, name):
     t = ad.set_timesteps(10)[3]
     z = ad.add_noise(x0, eps, t)
     v = ad.to_v(x0, eps, t)
-    if ad.family == "unet" and ad.prediction_type == "epsilon":
+    if ad.family != "sd3" and ad.family != "flux" and ad.prediction_type == "epsilon":
         out = eps
     else:
         out = v
@@ -254,7 +254,7 @@ def test_denoiser_call_arguments_are_read_by_the_adapter(pipes, name):
     'hidden_states' for transformers."""
     ad = get_adapter(pipes(name))
     x = torch.zeros(3, 4, 8, 8)
-    key = "sample" if ad.family == "unet" else "hidden_states"
+    key = "sample" if ad.family in ("unet", "sdxl") else "hidden_states"
     assert ad.latent_input((), {key: x}) is x and ad.latent_input((x,), {}) is x
     assert ad.batch_rows((), {key: x, "encoder_hidden_states": torch.zeros(1, 5, 2)}) == 3
     assert ad.encoded_prompt(("a red car",), {}) == "a red car" == ad.encoded_prompt((), {"prompt": "a red car"})

@@ -19,7 +19,7 @@ from dit_probe.toyworld.classifier import accuracy, load_classifier, pixels
 from .conftest import FAMILIES
 
 SITE = {"tiny-sd3": "block.01.image", "tiny-sd3.5": "block.01.image", "tiny-flux": "double.00.image",
-        "tiny-unet": "mid.out", "tiny-pixart": "block.00.image", "toy-mmdit": "block.02.image", "toy-unet": "mid.out"}
+        "tiny-unet": "mid.out", "tiny-pixart": "block.00.image", "tiny-sdxl": "mid.out", "toy-mmdit": "block.02.image", "toy-unet": "mid.out"}
 
 
 def _pipe(pipes, name):
@@ -91,7 +91,7 @@ def test_asymmetric_step_matches_a_step_written_out(pipes, name):
                 with intervene(pipe, {site: delta[None]}, branch="both"):
                     edited = ad.predict(z, t, enc.cond, guidance_scale=3.0)
                 x0, eps = ad.to_x0(edited, z, t), ad.to_eps(plain, z, t)
-                if ad.family == "unet":
+                if ad.family in ("unet", "sdxl"):
                     a = sched.alphas_cumprod[int(timesteps[1])]
                     z_next = a.sqrt() * x0 + (1 - a).sqrt() * eps
                 else:

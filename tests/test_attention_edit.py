@@ -109,7 +109,8 @@ def _edited_layer_check(pipe, name, layer, context, change):
 
 
 LAYER = {"tiny-sd3": "block.01.joint", "tiny-sd3.5": "block.02.joint", "tiny-flux": "single.00.joint",
-         "tiny-unet": "up.0.1.0.cross", "tiny-pixart": "block.01.cross"}
+         "tiny-unet": "up.0.1.0.cross", "tiny-pixart": "block.01.cross",
+         "tiny-sdxl": "up.0.1.1.cross"}
 
 
 @pytest.mark.parametrize("name", FAMILIES)

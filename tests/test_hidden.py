@@ -12,7 +12,7 @@ from .conftest import FAMILIES, generate
 
 PROMPTS = ["a red car on a blue background", "a small red giraffe"]
 SITE = {"tiny-sd3": "block.01.image", "tiny-sd3.5": "block.00.text", "tiny-flux": "single.00.text", "tiny-unet": "mid.out",
-        "tiny-pixart": "block.00.image"}
+        "tiny-pixart": "block.00.image", "tiny-sdxl": "mid.out"}
 
 
 def test_hidden_site_names(pipes):

@@ -112,7 +112,7 @@ def test_token_layout(pipes, name):
     n_img = 64
     text_len = cap.text_lens[0]
     expected = {"tiny-sd3": "image|text", "tiny-sd3.5": "image|text", "tiny-flux": "text|image", "tiny-unet": "cross",
-                "tiny-pixart": "cross"}[name]
+                "tiny-pixart": "cross", "tiny-sdxl": "cross"}[name]
     for site in ad.sites(recordable_only=True):
         args, kwargs, _ = cap.calls[site.path][0]
         attn = ad.module(site)

@@ -82,7 +82,7 @@ def test_image_query_sets_equal_the_mean_of_their_queries(pipes, name):
     pipe = pipes(name)
     queries = {"top": torch.tensor([[1.0], [0.0]]), "centre": (0.5, 0.5)}
     maps, sites, calls, ad = _record_with_reference(pipe, "image->image", queries=queries)
-    assert any(s.kind == IMAGE_SELF for s in sites) == (name in ("tiny-sd3.5", "tiny-unet", "tiny-pixart"))
+    assert any(s.kind == IMAGE_SELF for s in sites) == (name in ("tiny-sd3.5", "tiny-unet", "tiny-pixart", "tiny-sdxl"))
     per_step = 2 if ad.family == "flux" else 1
     worst = 0.0
     for site in sites:
@@ -104,7 +104,7 @@ def test_relations_leave_images_unchanged(pipes, name):
     pipe = pipes(name)
     plain = generate(pipe, PROMPTS)
     relations = [("image->image", dict(queries={"c": (0.5, 0.5)}))]
-    if name not in ("tiny-unet", "tiny-pixart"):  # cross-attention: no text queries
+    if name not in ("tiny-unet", "tiny-pixart", "tiny-sdxl"):  # cross-attention: no text queries
         relations += [("text->image", dict(words=["red"])), ("text->text", dict(tokens=[2]))]
     for relation, kw in relations:
         with record(pipe, relation=relation, **kw):

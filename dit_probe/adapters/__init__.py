@@ -6,6 +6,7 @@ from .base import Adapter, AttentionSite, Conditioning, StreamTokens, TextStream
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
+from .sdxl import SDXLAdapter
 from .unet import UNetAdapter
 
 _BY_DENOISER = {
@@ -27,7 +28,9 @@ def get_adapter(pipe) -> Adapter:
             f"no dit_probe adapter for a pipeline whose denoiser is {name!r}; supported denoisers: "
             + ", ".join(_BY_DENOISER)
         )
+    if name == "UNet2DConditionModel" and getattr(pipe, "text_encoder_2", None) is not None:
+        return SDXLAdapter(pipe)  # SDXL: the UNet class, two text encoders and text-time conditioning
     return _BY_DENOISER[name](pipe)
 
 
-__all__ = ["Adapter", "AttentionSite", "Conditioning", "StreamTokens", "TextStream", "get_adapter", "locate_word", "SD3Adapter", "FluxAdapter", "PixArtAdapter", "UNetAdapter"]
+__all__ = ["Adapter", "AttentionSite", "Conditioning", "StreamTokens", "TextStream", "get_adapter", "locate_word", "SD3Adapter", "FluxAdapter", "PixArtAdapter", "SDXLAdapter", "UNetAdapter"]

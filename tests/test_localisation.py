@@ -77,6 +77,13 @@ def test_localisation_runs_through_the_runner_and_reuses_its_cache(tmp_path):
     assert (rows[rows.kind == "contribution"].value > 0).all()
     a = pd.read_csv(tmp_path / "l" / "agreement.csv")
     assert set(a.readout) == {"contribution", "map AUROC"} and set(a.causal) == {"text swap (flipped)", "withhold (lost)"}
+    # a part's own setting recomputes that part only
+    redo = []
+    study.run(cfg.model_copy(update={"windows": ["all"]}), out=tmp_path / "l", log=redo.append, quiet=True)
+    assert [m.split(" ")[1].rstrip(":") for m in computed(redo)] == ["patching--color"]
+    redo = []
+    study.run(cfg.model_copy(update={"readouts": ["word", "paper"]}), out=tmp_path / "l", log=redo.append, quiet=True)
+    assert sorted(m.split(" ")[1].rstrip(":") for m in computed(redo)) == ["generated", "maps--log_snr=-1.5"]
 
 
 def test_agreement_and_smallest_window_by_hand():

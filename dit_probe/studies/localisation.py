@@ -169,6 +169,8 @@ def _record_readouts(editor, cfg: LocalisationConfig, items, run) -> dict:
     readouts = {}  # (read-out, role) -> ({layer: (step, image, h, w)}, steps)
     if maps is not None:
         for readout, norm in (("word", None), ("word-text", "text")):
+            if readout == "word-text" and not text:
+                continue  # the text mass was not recorded
             for role in WORDS:
                 readouts[(readout, role)] = ({name: maps.tensor(word=role, layer=name, normalise=norm)[:, 0, 0, :, :, 0].mean(2)
                                               for name in maps.layers}, maps.steps)
@@ -335,6 +337,19 @@ def _line(frame: pd.DataFrame) -> str:
     return "AUROC " + ", ".join(f"{r}/{w} {v:.2f}" for (r, w), v in m.items())
 
 
+# the settings each part reads; a unit ignores the other parts' (so changing one part recomputes only it)
+_PART_FIELDS = {
+    "maps": {"readouts", "n"},
+    "generated": {"readouts", "generate_n"},
+    "patching": {"patch_n", "patch_attributes", "windows"},
+    "layers": {"layers_n", "attributes", "rank_n", "swap_widths", "withhold_k", "random_draws", "heads"},
+}
+
+
+def _ignores(unit: Unit) -> set[str]:
+    return set().union(*_PART_FIELDS.values()) - _PART_FIELDS[unit["part"]]
+
+
 def _units(cfg: LocalisationConfig) -> list[Unit]:
     units = [Unit(m, (("part", "maps"), ("level", lv))) for m in cfg.models for lv in cfg.levels()]
     if cfg.generate_n:
@@ -356,6 +371,6 @@ STUDY = Study(
     paper_config="localisation-paper.yaml",
     figure_files=("localisation-maps.png", "localisation-maps-table.md", "localisation-patching-table.md",
                   "localisation-layers.png", "localisation-layers-table.md"),
-    summary_line=_line,
+    summary_line=_line, ignores=_ignores,
 )
 run, config_from = STUDY.run, STUDY.config_from

@@ -170,6 +170,9 @@ class Study:
     read_csv: dict = field(default_factory=dict)  # pandas options that read a unit back exactly
     summary_line: Callable[[pd.DataFrame], str] | None = None  # logged after each unit
     revision: int = 1  # bump when a unit's computation changes: cached units of older revisions are not reused
+    # config fields a unit's result does not depend on (a study with parts: changing one part's settings then
+    # recomputes only that part); a field not named here is part of every unit's key
+    ignores: Callable[[Unit], set[str]] | None = None
 
     def config_from(self, path=None, **overrides) -> StudyConfig:
         return load_config(self.config, path, **overrides)
@@ -182,6 +185,7 @@ class Study:
 def unit_settings(study: Study, cfg: StudyConfig, unit: Unit) -> dict:
     """Exactly what a unit's result depends on (hashed into its file names)."""
     skip = set(study.axes) | set(cfg.REPORT_ONLY) | {"purpose"}  # purpose labels a run, it computes nothing
+    skip |= study.ignores(unit) if study.ignores else set()
     fixed = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
     return {"study": study.name, "revision": study.revision, "model": unit.model,
             "model_identity": model_identity(unit.model), "unit": dict(unit.keys), "settings": fixed}

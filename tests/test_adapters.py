@@ -115,7 +115,7 @@ def test_strength_maps_to_different_noise_levels_across_families(pipes):
         sd3.set_timesteps(50, 1.5)
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-unet", "tiny-flux"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-unet", "tiny-flux", "tiny-pixart", "tiny-sdxl"])
 def test_adapter_loop_reproduces_the_pipeline(pipes, name):
     """encode_prompt + set_timesteps + predict + step, written with the adapter, give the pipeline's latents."""
     pipe = pipes(name)
@@ -133,15 +133,18 @@ def test_adapter_loop_reproduces_the_pipeline(pipes, name):
         for t in ad.set_timesteps(steps, image_seq_len=packed.shape[1]):
             z = ad.step(ad.predict(z, t, cond, guidance_scale=3.5, grid=(8, 8)), t, z)
     else:
-        kw = {"max_sequence_length": 16} if ad.family == "sd3" else {}
+        kw = {"max_sequence_length": 16} if ad.family in ("sd3", "pixart") else {}
+        call = {"use_resolution_binning": False, "clean_caption": False} if ad.family == "pixart" else {}
         sigma0 = pipe.scheduler.init_noise_sigma if ad.family == "unet" else 1.0
         ref = pipe("a red car", latents=init * sigma0, height=32, width=32, num_inference_steps=steps,
-                   guidance_scale=4.0, output_type="latent", **kw).images
+                   guidance_scale=4.0, output_type="latent", **kw, **call).images
         cond = ad.encode_prompt("a red car", do_cfg=True, **kw)
         z = init * sigma0
         for t in ad.set_timesteps(steps):
             z = ad.step(ad.predict(z, t, cond, guidance_scale=4.0), t, z)
-    assert torch.allclose(z, ref, atol=1e-5), (z - ref).abs().max()
+    # the random tiny PixArt's DPM-Solver++ latents reach hundreds: there the bound is float32's, relative
+    tol = 1e-6 * float(ref.abs().max()) if ad.family == "pixart" else 1e-5
+    assert torch.allclose(z, ref, atol=tol, rtol=0), (z - ref).abs().max()
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-unet"])

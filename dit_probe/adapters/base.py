@@ -452,6 +452,12 @@ class Adapter:
         return num_steps - min(int(num_steps * strength), num_steps)
 
 
+def guided(out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance of a [uncond | cond] batch of predictions."""
+    uncond, cond = out.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 class PatchGrid:
     """The image-token grid of a DiT that patchifies a 4D latent (SD3, PixArt): latent size / patch size."""
 

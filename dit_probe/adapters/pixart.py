@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import CROSS, IMAGE_SELF, Adapter, AttentionSite, Conditioning, HiddenSite, PatchGrid, TextStream, block_name
+from .base import (CROSS, IMAGE_SELF, Adapter, AttentionSite, Conditioning, HiddenSite, PatchGrid, TextStream,
+                   block_name, guided)
 from .ddpm import DDPMMaths
 
 
@@ -80,8 +81,7 @@ class PixArtAdapter(PatchGrid, DDPMMaths, Adapter):
                             timestep=torch.as_tensor(t).expand(zin.shape[0]),
                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
         if cfg:
-            uncond, c = out.chunk(2)
-            out = uncond + guidance_scale * (c - uncond)
+            out = guided(out, guidance_scale)
         if out.shape[1] == 2 * z.shape[1]:  # learned sigma: the pipeline keeps the first half (eps)
             out = out.chunk(2, dim=1)[0]
         return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .base import (IMAGE_SELF, JOINT_IMAGE_TEXT, Adapter, AttentionSite, Conditioning, HiddenSite, PatchGrid, TextStream,
-                   block_name, concept_attention)
+                   block_name, concept_attention, guided)
 from .flow import FlowMatchingMaths
 
 
@@ -141,6 +141,5 @@ class SD3Adapter(PatchGrid, FlowMatchingMaths, Adapter):
             return_dict=False,
         )[0]
         if cfg:
-            uncond, c = out.chunk(2)
-            out = uncond + guidance_scale * (c - uncond)
+            out = guided(out, guidance_scale)
         return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning
+from .base import Conditioning, guided
 from .unet import UNetAdapter
 
 
@@ -41,6 +41,5 @@ class SDXLAdapter(UNetAdapter):
         added = {"text_embeds": pooled, "time_ids": self._time_ids(z, zin.shape[0])}
         out = self.denoiser(zin, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
         if cfg:
-            uncond, c = out.chunk(2)
-            out = uncond + guidance_scale * (c - uncond)
+            out = guided(out, guidance_scale)
         return out

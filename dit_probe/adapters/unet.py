@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CROSS, IMAGE_SELF, Adapter, AttentionSite, HiddenSite, Conditioning, TextStream
+from .base import CROSS, IMAGE_SELF, Adapter, AttentionSite, HiddenSite, Conditioning, TextStream, guided
 from .ddpm import DDPMMaths
 
 
@@ -93,6 +93,5 @@ class UNetAdapter(DDPMMaths, Adapter):
         emb = torch.cat([cond.neg_embeds, cond.embeds]) if cfg else cond.embeds
         out = self.denoiser(zin, t, encoder_hidden_states=emb, return_dict=False)[0]
         if cfg:
-            uncond, c = out.chunk(2)
-            out = uncond + guidance_scale * (c - uncond)
+            out = guided(out, guidance_scale)
         return out
